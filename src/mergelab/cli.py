@@ -1,0 +1,148 @@
+"""The ``mergelab`` command line.
+
+Bad input (a missing file, a wrong key, a parameter out of range) prints one line naming the
+culprit and exits with status 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="mergelab: merge fine-tuned experts of one pretrained model into a multi-task model.",
+)
+err_console = Console(stderr=True)
+console = Console()
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def input_errors_exit_2(fn):
+    """Turn mergelab's input errors (and unreadable files) into a clear message and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"mergelab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """mergelab: static, dynamic (SE-Merging) and adaptive (AdaMerging, SyMerge) model merging."""
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``["density=0.2", "scope=tensor"]`` -> ``{"density": 0.2, "scope": "tensor"}`` (values read as YAML)."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"--param {item!r}: expected KEY=VALUE, e.g. --param density=0.2")
+        try:
+            params[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise InputError(f"--param {key}: cannot read value {raw!r} ({exc.__class__.__name__})") from None
+    return params
+
+
+def parse_experts(items: list[str]) -> dict[str, str]:
+    experts: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise InputError(f"--expert {item!r}: expected NAME=PATH, e.g. --expert sst2=./experts/sst2")
+        if name in experts:
+            raise InputError(f"--expert {name!r} given twice")
+        experts[name.strip()] = path.strip()
+    return experts
+
+
+@app.command()
+@input_errors_exit_2
+def merge(
+    method: str = typer.Option(..., "--method", "-m", help="Merge method (see `mergelab methods`)."),
+    pretrained: str = typer.Option(..., "--pretrained", "-p", help="Pretrained model: HF directory, .safetensors file or hub id."),
+    expert: list[str] = typer.Option(..., "--expert", "-e", help="NAME=PATH of a fine-tuned expert; repeat per expert."),
+    param: list[str] | None = typer.Option(None, "--param", help="KEY=VALUE method parameter (YAML value); repeatable."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically; never an input)."),
+) -> None:
+    """Merge experts into one model and save it as a Hugging Face directory.
+
+    Example:
+
+        mergelab merge --method ties --pretrained ./base --expert sst2=./ft/sst2 \\
+            --expert mnli=./ft/mnli --param density=0.2 --param scaling=1.0 --out ./merged
+    """
+    from . import io, methods
+
+    params = parse_params(param or [])
+    specs = parse_experts(expert)
+    methods.get(method)  # unknown method: fail before loading anything
+    io.check_output_path(out, [pretrained, *specs.values()])
+    t0 = time.perf_counter()
+    pre_sd = io.load_state_dict(pretrained)
+    expert_sds = {name: io.load_state_dict(path) for name, path in specs.items()}
+    merged = methods.merge(method, pre_sd, expert_sds, **params)
+    pre_path = io.resolve_model_path(pretrained)
+    io.save_model(merged, out, like=pre_path if pre_path.is_dir() else None, inputs=[pretrained, *specs.values()])
+    console.print(
+        f"merged {len(specs)} experts with [bold]{method}[/] {params or ''} in {time.perf_counter() - t0:.1f}s -> {out}",
+        highlight=False,
+    )
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the merge methods and their parameters."""
+    from . import methods
+
+    table = Table(title="mergelab merge methods")
+    table.add_column("name", style="bold")
+    table.add_column("parameters (defaults)")
+    table.add_column("what it does")
+    for name in methods.available():
+        info = methods.get(name)
+        table.add_row(name, ", ".join(f"{k}={v!r}" for k, v in info.params.items()), info.summary)
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

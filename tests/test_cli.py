@@ -1,0 +1,118 @@
+"""The CLI: merge end to end on tiny BERT experts, and bad input -> exit 2 without traceback."""
+
+import hashlib
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mergelab
+from mergelab import io
+from mergelab.cli import app
+
+from .tiny_models import save_tiny_bert
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    pre = save_tiny_bert(root / "pre", seed=0)
+    a = save_tiny_bert(root / "a", seed=1, perturb=0.02, base=pre)
+    b = save_tiny_bert(root / "b", seed=2, perturb=0.02, base=pre)
+    return root, pre, a, b
+
+
+def _digest(path):
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("method,params", [("ties", ["density=0.2"]), ("task_arithmetic", ["scaling=0.4"]),
+                                           ("dare", ["drop_rate=0.5", "seed=3"]), ("average", [])])
+def test_cli_merge_loads_with_transformers_and_equals_api(pool, tmp_path, method, params):
+    from transformers import AutoModel
+
+    root, pre, a, b = pool
+    before = {p: _digest(p) for p in (pre, a, b)}
+    out = tmp_path / "merged"
+    args = ["merge", "--method", method, "--pretrained", str(pre), "--expert", f"a={a}", "--expert", f"b={b}", "--out", str(out)]
+    for p in params:
+        args += ["--param", p]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    model = AutoModel.from_pretrained(str(out))
+    api_params = {k: v for k, v in (p.split("=") for p in params)}
+    api_params = {k: (int(v) if v.isdigit() else float(v)) for k, v in api_params.items()}
+    expected = mergelab.merge(method, io.load_state_dict(pre), {"a": io.load_state_dict(a), "b": io.load_state_dict(b)}, **api_params)
+    got = model.state_dict()
+    compared = 0
+    for k, v in expected.items():
+        if k in got:
+            assert torch.equal(got[k], v), k
+            compared += 1
+    assert compared >= len(expected) - 2
+    assert (out / "vocab.txt").exists()  # tokenizer copied from the pretrained directory
+    assert before == {p: _digest(p) for p in (pre, a, b)}  # inputs untouched
+
+
+def test_cli_methods_lists_all():
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0
+    for name in mergelab.methods.available():
+        assert name in result.output
+
+
+def test_cli_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and mergelab.__version__ in result.output
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--method", "nope"], "unknown merge method 'nope'"),
+        (["--method", "ties", "--param", "density=2"], "density"),
+        (["--method", "ties", "--param", "density"], "KEY=VALUE"),
+        (["--method", "ties", "--param", "alpha=1"], "alpha"),
+    ],
+)
+def test_cli_bad_input_exit_2(pool, tmp_path, extra, needle):
+    root, pre, a, b = pool
+    args = ["merge", "--pretrained", str(pre), "--expert", f"a={a}", "--out", str(tmp_path / "o"), *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_output_equal_to_input(pool):
+    root, pre, a, b = pool
+    before = _digest(a)
+    result = runner.invoke(app, ["merge", "-m", "ties", "-p", str(pre), "-e", f"a={a}", "-o", str(a)])
+    assert result.exit_code == 2 and "would overwrite the input" in result.output
+    assert _digest(a) == before
+
+
+def test_cli_missing_expert_path(pool, tmp_path):
+    root, pre, a, b = pool
+    result = runner.invoke(app, ["merge", "-m", "ties", "-p", str(pre), "-e", "a=/no/such/dir", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "/no/such/dir" in result.output
+
+
+def test_cli_shape_mismatch_names_expert(pool, tmp_path):
+    from transformers import BertModel
+
+    from .tiny_models import tiny_bert_config
+
+    root, pre, a, b = pool
+    other = tmp_path / "wide"
+    BertModel(tiny_bert_config(intermediate_size=48)).save_pretrained(str(other))
+    result = runner.invoke(app, ["merge", "-m", "ties", "-p", str(pre), "-e", f"wide={other}", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "expert 'wide'" in result.output and "shape" in result.output

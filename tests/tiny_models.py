@@ -1,0 +1,50 @@
+"""Tiny Hugging Face models built from configs, for tests (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
+    w for w in "the a movie film good bad great awful news sport team game vote party election tax "
+    "plot story actor music market stock bank economy win lose goal match player president speech "
+    "america people country jobs is was it and of to in".split()
+]
+
+
+def write_vocab(path: Path) -> Path:
+    path.write_text("\n".join(VOCAB) + "\n")
+    return path
+
+
+def tiny_bert_config(**kw):
+    from transformers import BertConfig
+
+    cfg = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64, max_position_embeddings=64)
+    cfg.update(kw)
+    return BertConfig(**cfg)
+
+
+def save_tiny_bert(directory: Path, seed: int = 0, perturb: float = 0.0, base: Path | None = None) -> Path:
+    """A tiny BertModel saved as a HF directory with a WordPiece tokenizer.
+
+    With ``base`` and ``perturb``, the weights are ``base``'s plus seeded Gaussian noise (an "expert").
+    """
+    from transformers import BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if base is not None:
+        model = BertModel.from_pretrained(str(base))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(perturb * torch.randn(p.shape, generator=g))
+    else:
+        model = BertModel(tiny_bert_config())
+    model.save_pretrained(str(directory))
+    vocab = write_vocab(directory / "vocab.txt")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(directory))
+    return directory
