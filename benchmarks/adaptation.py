@@ -44,21 +44,16 @@ def main(argv: list[str] | None = None) -> dict:
     from mergelab.adaptive import adamerging, symerge
     from mergelab.adaptive.adamerging import DEFAULT_ADAMERGING_STEPS
     from mergelab.adaptive.symerge import DEFAULT_SYMERGE_STEPS
-    from mergelab.benchmarks.finetune import get_or_train_expert
     from mergelab.benchmarks.registry import get_benchmark
+    from mergelab.benchmarks.run import load_context
     from mergelab.io import atomic_write_text
     from mergelab.statedict import task_vectors
 
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = get_benchmark(args.benchmark)
-    splits = spec.load_splits()
-    family = spec.family()
-    pre = family.pretrained_state()
-    experts = {t: get_or_train_expert(family, s, spec.recipe, cache_dir=args.cache, progress=False)
-               for t, s in splits.items()}
-    bodies = {t: e.body_state for t, e in experts.items()}
-    heads = {t: e.head.eval() for t, e in experts.items()}
+    ctx = load_context(spec, cache_dir=args.cache, progress=False)
+    splits, family, pre, bodies, heads = ctx.splits, ctx.family, ctx.pretrained, ctx.bodies, ctx.heads
     texts = {t: list(s["test"].texts) for t, s in splits.items()}  # texts only
     vectors = task_vectors(pre, bodies)
     n = args.warmup + args.steps

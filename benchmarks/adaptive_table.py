@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
             options.setdefault(method, {})[key] = value
 
     from mergelab.adaptive import adaptive_rows
-    from mergelab.benchmarks.finetune import get_or_train_expert
     from mergelab.benchmarks.registry import get_benchmark
+    from mergelab.benchmarks.run import load_context
     from mergelab.evaluate import MethodResult, evaluate_tasks, mean, normalized_average
     from mergelab.io import atomic_write_text
     from mergelab.methods import merge
@@ -72,13 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     spec = get_benchmark(args.benchmark)
-    splits = spec.load_splits()
-    family = spec.family()
-    pre = family.pretrained_state()
-    experts = {t: get_or_train_expert(family, s, spec.recipe, cache_dir=args.cache, progress=False)
-               for t, s in splits.items()}
-    bodies = {t: e.body_state for t, e in experts.items()}
-    heads = {t: e.head.eval() for t, e in experts.items()}
+    ctx = load_context(spec, cache_dir=args.cache, progress=False)
+    splits, family, pre, bodies, heads = ctx.splits, ctx.family, ctx.pretrained, ctx.bodies, ctx.heads
     ev = {t: s[args.split] for t, s in splits.items()}
     path = Path(args.out)
     store = json.loads(path.read_text()) if path.is_file() else {}

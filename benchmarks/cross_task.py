@@ -31,20 +31,17 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from mergelab.adaptive.pilot import cross_task_matrix, plot_cross_task, relation
-    from mergelab.benchmarks.finetune import get_or_train_expert
     from mergelab.benchmarks.registry import get_benchmark
+    from mergelab.benchmarks.run import load_context
     from mergelab.io import atomic_write_text
 
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = get_benchmark(args.benchmark)
-    splits = spec.load_splits()
-    family = spec.family()
-    experts = {t: get_or_train_expert(family, s, spec.recipe, cache_dir=args.cache, progress=False)
-               for t, s in splits.items()}
-    cross = cross_task_matrix(family, {t: e.body_state for t, e in experts.items()},
-                              {t: e.head.eval() for t, e in experts.items()},
-                              {t: s["test"] for t, s in splits.items()}, max_per_task=args.per_task)
+    ctx = load_context(spec, cache_dir=args.cache, progress=False)
+    splits, family = ctx.splits, ctx.family
+    cross = cross_task_matrix(family, ctx.bodies, ctx.heads, {t: s["test"] for t, s in splits.items()},
+                              max_per_task=args.per_task)
     out: dict = {"benchmark": spec.name, "cross_task": cross.to_json(), "relations": {}}
     merged_rows: dict = {}
     expert_acc = None

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import InputError
-from .statedict import StateDict, combine, is_mergeable
+from .statedict import StateDict, combine
 
 
 class StackedVectors:
@@ -64,15 +64,14 @@ class StackedVectors:
     def __len__(self) -> int:
         return len(self.tasks)
 
-    def coefficient_matrix(self, coefficients: Mapping[str, float] | Tensor, batch: int | None = None) -> Tensor:
-        """``[T]`` (or ``[batch, T]``) float32 from a mapping task -> number or a tensor."""
+    def coefficient_matrix(self, coefficients: Mapping[str, float] | Tensor) -> Tensor:
+        """``[T]`` float32 (columns in ``tasks`` order) from a mapping task -> number, or a tensor as it is."""
         if isinstance(coefficients, Tensor):
             return coefficients.to(torch.float32)
         missing = [t for t in self.tasks if t not in coefficients]
         if missing:
             raise InputError(f"no coefficient for task(s) {missing}")
-        c = torch.tensor([float(coefficients[t]) for t in self.tasks], dtype=torch.float32)
-        return c if batch is None else c.expand(batch, -1)
+        return torch.tensor([float(coefficients[t]) for t in self.tasks], dtype=torch.float32)
 
     def merged(self, pretrained: StateDict, coefficients: Mapping[str, float] | Tensor) -> dict[str, Tensor]:
         """Equation (1) with one coefficient per task (a ``[T]`` tensor or a mapping)."""
@@ -246,6 +245,3 @@ def per_sample_reference(
         outs.append(run(theta, b))
     return torch.cat(outs, 0)
 
-
-def mergeable_keys(pretrained: StateDict) -> list[str]:
-    return [k for k, v in pretrained.items() if is_mergeable(v)]

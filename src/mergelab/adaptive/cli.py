@@ -70,8 +70,8 @@ def run(*, method: str, benchmark: str, steps: int | None, out: Path, lr: float 
     import torch
     from rich.console import Console
 
-    from ..benchmarks.finetune import get_or_train_expert
     from ..benchmarks.registry import get_benchmark
+    from ..benchmarks.run import load_context
     from ..evaluate import evaluate_tasks, mean, normalized_average
     from ..io import atomic_write_text
     from .rows import adapt as run_adapt
@@ -81,13 +81,8 @@ def run(*, method: str, benchmark: str, steps: int | None, out: Path, lr: float 
     console = Console(stderr=True, quiet=quiet)
     spec = get_benchmark(benchmark)
     t0 = time.perf_counter()
-    splits = spec.load_splits()
-    family = spec.family()
-    pre = family.pretrained_state()
-    experts = {t: get_or_train_expert(family, s, spec.recipe, cache_dir=cache, progress=not quiet)
-               for t, s in splits.items()}
-    bodies = {t: e.body_state for t, e in experts.items()}
-    heads = {t: e.head.eval() for t, e in experts.items()}
+    ctx = load_context(spec, cache_dir=cache, progress=not quiet, console=console)
+    splits, family, pre, bodies, heads = ctx.splits, ctx.family, ctx.pretrained, ctx.bodies, ctx.heads
     console.print(f"{spec.name}: {len(bodies)} experts loaded ({time.perf_counter() - t0:.0f}s); adapting with "
                   f"[bold]{method}[/] on the {adapt_split} texts (labels are not read)", highlight=False)
     options: dict = {"clamp": clamp}

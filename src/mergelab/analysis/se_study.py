@@ -118,7 +118,7 @@ def probe_sweep(ctx, *, layers: Sequence[int], config: RouterConfig | None = Non
 def cost_study(ctx, *, n_samples: int = 128, n_reference: int = 16, batch_size: int = 64, repeats: int = 3,
                config: RouterConfig | None = None, split: str = "validation") -> dict:
     """Seconds per sample of: the static merged model, SE-Merging reference / exact / fast /
-    prototype-exact, and running every expert (an ensemble's cost), all in this one run, interleaved.
+    single-pass (and prototype-exact when the rule is not already the prototype one), and running every expert (an ensemble's cost), all in this one run, interleaved.
 
     Takes the median over ``repeats`` rounds; the reference path runs on ``n_reference`` samples only.
     """
@@ -150,8 +150,9 @@ def cost_study(ctx, *, n_samples: int = 128, n_reference: int = 16, batch_size: 
 
     runs = {"static": (static, len(texts)), "se_exact": (mode("exact"), len(texts)),
             "se_fast": (mode("fast"), len(texts)), "se_single_pass": (mode("single-pass"), len(texts)),
-            "se_prototype_exact": (mode("prototype-exact"), len(texts)),
             "ensemble": (ensemble, len(texts)), "se_reference": (reference, n_reference)}
+    if se.config.normalisation != "prototype":  # with the prototype rule, exact already is prototype-exact
+        runs["se_prototype_exact"] = (mode("prototype-exact"), len(texts))
     times: dict[str, list[float]] = {k: [] for k in runs}
     static()  # warm-up
     for _ in range(repeats):

@@ -151,7 +151,7 @@ def run_benchmark(
     _print_row(console, "individual", results["individual"])
     _print_row(console, "pretrained", results["pretrained"])
 
-    for row in default_static_rows(spec.lambdas, getattr(spec, "ties_scalings", (0.5, 1.0, 1.5, 2.0))):
+    for row in default_static_rows(spec.lambdas):
         if wanted is not None and row.row not in wanted:
             continue
         with Timer() as tm:
@@ -237,7 +237,7 @@ def se_merging_rows(spec, family, pre, bodies, heads, splits, results, expert_ac
     from ..dynamic import RouterConfig, SEMerging
     from ..dynamic.evaluate import evaluate_se
 
-    config = getattr(spec, "router", None) or RouterConfig()
+    config = RouterConfig()
     test = {t: s["test"] for t, s in splits.items()}
     calib = {t: s["validation"].texts[:calibration_size] for t, s in splits.items()}
     ties_scaling = results["ties"].params.get("scaling", 1.0) if "ties" in results else 1.0

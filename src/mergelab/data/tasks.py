@@ -206,6 +206,3 @@ def split_task(
         result[split] = task.subset(idx)
     return result
 
-
-def split_summary(splits: dict[str, TextTask]) -> str:
-    return "; ".join(f"{s} {len(t)}" for s, t in splits.items())

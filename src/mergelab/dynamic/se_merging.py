@@ -229,6 +229,3 @@ class SEMerging:
             handle.remove()
         return family.pool(out.last_hidden_state, mask), state["routing"]  # type: ignore[return-value]
 
-    def static_features(self, batch: Mapping[str, Tensor]) -> Tensor:
-        return self.family.features(batch, self.static)
-
