@@ -92,15 +92,27 @@ def test_evaluate_se_routing_summary_is_consistent(ctx) -> None:
     assert sum(map(sum, routing["confusion"])) == 30
 
 
-@pytest.mark.parametrize("kind", ["routing", "probe-sweep", "cost", "se-select"])
+@pytest.mark.parametrize("kind", ["routing", "probe-sweep", "cost", "se-select", "lowrank"])
 def test_run_analysis_writes_json_and_pngs(ctx, tmp_path: Path, kind: str) -> None:
     files = run_analysis(kind, ctx, tmp_path, config=RouterConfig(layer=1), n_per_task=6, n_calib=4, layers=[1, 2],
-                         temperatures=(0.3,), masses=(1.0,), progress=False)
+                         temperatures=(0.3,), masses=(1.0,), ranks=(1, 64), progress=False)
     assert files["json"].is_file()
     pngs = [p for k, p in files.items() if k != "json"]
     assert pngs
     for p in pngs:
         assert p.read_bytes()[:8] == PNG and p.stat().st_size > 2000
+
+
+def test_lowrank_study_full_rank_matches_exact(ctx) -> None:
+    from mergelab.analysis.se_study import lowrank_study
+
+    study = lowrank_study(ctx, ranks=(1, 10_000), config=RouterConfig(layer=1), n_per_task=6, n_calib=4)
+    full = study["lowrank"][1]
+    assert full["relative_error_mean"] < 1e-5
+    assert full["per_task"] == study["exact"]["per_task"]  # full rank: same predictions as the exact path
+    assert study["lowrank"][0]["relative_error_mean"] > 1e-3  # rank 1 truncates
+    for row in study["lowrank"]:
+        assert row["ratio_to_static"] > 0 and 0 <= row["average"] <= 1
 
 
 def test_analyze_cli_bad_input_exits_2() -> None:

@@ -68,6 +68,10 @@ def test_every_row_and_the_files(tiny_spec: BenchmarkSpec, tmp_path: Path, monke
         assert ta["per_task"] == ta03["per_task"]
         # individual, pretrained and 6 static rows evaluate on test, but the two at 0.3 share one evaluation
         assert sum(1 for s in sizes if set(s.values()) == {8}) == 7
+    # reuse of test features: the transfer rows rerun the static Task Arithmetic 0.3 and TIES bodies, and
+    # SyMerge's pseudo-labels are each expert on its own test texts: three hits per task
+    assert res["feature_cache"]["hits"] == 3 * len(res["tasks"])
+    # (that a cached evaluation equals a fresh one is tests/test_methods.py's feature-cache test)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["methods"].keys() == res["methods"].keys()
     assert (tmp_path / "run" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"

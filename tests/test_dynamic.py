@@ -245,3 +245,64 @@ def test_fast_path_needs_calibration(setup) -> None:
         se.features(family.tokenize(TEXTS[:2]), "fast")
     with pytest.raises(InputError, match="probe layer must be an integer"):
         SEMerging(family, pre, plan, experts, RouterConfig(layer=7))
+
+
+# ---------------------------------------------------------------------------------------------- low rank
+def _truncate(mat: torch.Tensor, r: int) -> torch.Tensor:
+    """Best rank-r approximation, written out: U_r diag(S_r) Vh_r."""
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    return u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+
+
+def test_low_rank_factors_reconstruct_truncated_svd(setup) -> None:
+    from mergelab.functional import low_rank_factors
+
+    family, pre, experts = setup
+    plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)
+    stacked = StackedVectors.from_vectors(plan.vectors)
+    factors, error = low_rank_factors(stacked, family.body, 4)
+    linear_keys = {f"{n}.weight" for n, m in family.body.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(factors) == linear_keys & set(stacked.tensors)  # embeddings and layer norms are not factored
+    key = sorted(factors)[0]
+    u, v = factors[key]
+    for i, _t in enumerate(TASKS):
+        approx = u[:, 4 * i : 4 * (i + 1)] @ v[4 * i : 4 * (i + 1)]
+        assert _rel(approx, _truncate(stacked.tensors[key][i], 4)) < 1e-4
+    full = stacked.tensors[key]
+    err = float(torch.stack([full[i] - _truncate(full[i], 4) for i in range(len(TASKS))]).norm() / full.norm())
+    assert error[key] == pytest.approx(err, rel=1e-3)
+    assert 0 < error[key] < 1
+    with pytest.raises(InputError, match="rank"):
+        low_rank_factors(stacked, family.body, 0)
+
+
+def test_lowrank_mode_full_rank_is_exact_and_low_rank_matches_truncated_reference(setup) -> None:
+    family, pre, experts = setup
+    plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)
+    cfg = RouterConfig(layer=1, normalisation="relative", temperature=0.5, mass=1.0)
+    batch = family.tokenize(TEXTS)
+    width = family.hidden_size * 4  # the largest matrix side: full rank
+    se = SEMerging(family, pre, plan, experts, cfg, lowrank_rank=width)
+    exact, routing = se.features(batch, "exact")
+    full, froute = se.features(batch, "lowrank")
+    assert torch.equal(froute.coefficients, routing.coefficients)
+    assert _rel(full, exact) < 1e-5
+
+    # rank 2: the reference builds theta_b = theta_static + sum_t (C_bt - 0.3) trunc_2(tau_t) on linear
+    # weights (exact tau elsewhere) and runs each sample alone
+    se2 = SEMerging(family, pre, plan, experts, cfg, lowrank_rank=2)
+    low, _ = se2.features(batch, "lowrank", routing=routing)
+    linear = {f"{n}.weight" for n, m in family.body.named_modules() if isinstance(m, torch.nn.Linear)}
+    static = combine(pre, plan.vectors, dict.fromkeys(TASKS, 0.3))
+    for b in range(len(TEXTS)):
+        theta = dict(static)
+        for k in plan.vectors[TASKS[0]]:
+            for i, t in enumerate(TASKS):
+                tau = plan.vectors[t][k]
+                tau = _truncate(tau, 2) if k in linear else tau
+                theta[k] = theta[k] + (float(routing.coefficients[b, i]) - 0.3) * tau
+        single = {k: v[b : b + 1] for k, v in batch.items()}
+        assert _rel(low[b : b + 1], family.features(single, theta)) < 1e-4
+    assert _rel(low, exact) > 1e-4  # rank 2 is an approximation here, not the exact path
+    with pytest.raises(InputError, match="lowrank_rank"):
+        SEMerging(family, pre, plan, experts, cfg, lowrank_rank=0)

@@ -198,3 +198,32 @@ def test_plan_exposes_per_task_vectors_for_reuse():
     torch.testing.assert_close(plan.apply(pre)["p0"], merged["p0"])
     # the parts sum to the disjoint mean: uniform coefficients reproduce the static merge
     torch.testing.assert_close(pre["p0"] + 0.8 * sum(v["p0"] for v in plan.vectors.values()), merged["p0"])
+
+
+def test_feature_cache_reuses_and_matches_a_fresh_evaluation(tmp_path) -> None:
+    from transformers import BertModel
+
+    from mergelab.data.tasks import TextTask
+    from mergelab.evaluate import FeatureCache, evaluate_tasks, fingerprint
+    from mergelab.families.text import TextClassifierFamily
+    from tests.tiny_models import tiny_bert_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config()).save_pretrained(str(tmp_path))
+    tiny_tokenizer().save_pretrained(str(tmp_path))
+    family = TextClassifierFamily(tmp_path, max_length=12)
+    pre = family.pretrained_state()
+    other = {k: v + 0.1 if v.is_floating_point() else v for k, v in pre.items()}
+    texts = ["the movie was good", "bad film", "a vote on tax", "the team won", "music and art"]
+    split = {"a": TextTask("a", texts, [0, 1, 0, 1, 1], label_names=["x", "y"])}
+    heads = {"a": torch.nn.Linear(family.hidden_size, 2)}
+    cache = FeatureCache()
+    first = evaluate_tasks(family, pre, heads, split, cache=cache)
+    assert (cache.hits, cache.misses) == (0, 1)
+    again = evaluate_tasks(family, {k: v.clone() for k, v in pre.items()}, heads, split, cache=cache)  # equal content
+    assert (cache.hits, cache.misses) == (1, 1) and again == first
+    moved = evaluate_tasks(family, other, heads, split, cache=cache)  # other content: a new pass
+    assert cache.misses == 2
+    assert moved == evaluate_tasks(family, other, heads, split)  # the uncached path agrees
+    assert first == evaluate_tasks(family, pre, heads, split)
+    assert fingerprint(pre) != fingerprint(other) and fingerprint(None) == fingerprint(None)

@@ -157,7 +157,7 @@ def bench(
 @app.command()
 @input_errors_exit_2
 def analyze(
-    kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select"),
+    kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select | lowrank"),
     benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark whose experts to analyse."),
     out: Path = typer.Option(Path("runs/analysis"), "--out", "-o", help="Folder for the JSON and PNG files."),
     cache: Path | None = typer.Option(None, "--cache", help="Expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)."),
@@ -167,6 +167,7 @@ def analyze(
     mass: float | None = typer.Option(None, "--mass", help="Total coefficient mass relative to the static merge's (1.0 = same total)."),
     n_per_task: int = typer.Option(100, "--n-per-task", help="Validation samples per task to analyse."),
     layers: list[int] | None = typer.Option(None, "--layers", help="probe-sweep: layers to sweep (repeatable)."),
+    ranks: list[int] | None = typer.Option(None, "--ranks", help="lowrank: task-vector ranks to try (repeatable; default 4 16 64)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """SE-Merging analyses on a benchmark's validation split: JSON and PNG plots.
@@ -174,7 +175,8 @@ def analyze(
     auto-adaptation / routing: per layer, the share of samples nearest to their own expert and the
     routing accuracy of each rule; distance matrix; routing confusion and weight entropy.
     probe-sweep: SE-Merging accuracy and cost per probe layer. cost: time per sample of the static
-    model, SE-Merging reference / exact / fast and an ensemble. se-select: the default-choosing study.
+    model, SE-Merging reference / exact / fast / lowrank and an ensemble. se-select: the default-choosing
+    study. lowrank: accuracy and cost of the low-rank per-sample forward per rank (--ranks).
 
     Example:
 
@@ -192,7 +194,8 @@ def analyze(
         raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
     ctx = load_context(get_benchmark(benchmark), cache_dir=cache, progress=not quiet,
                        console=Console(stderr=True, quiet=quiet))
-    files = run_analysis(kind, ctx, out, config=cfg, n_per_task=n_per_task, layers=layers, progress=not quiet)
+    files = run_analysis(kind, ctx, out, config=cfg, n_per_task=n_per_task, layers=layers,
+                         ranks=tuple(ranks) if ranks else (4, 16, 64), progress=not quiet)
     for name, path in files.items():
         console.print(f"{name}: {path}", highlight=False)
 

@@ -11,16 +11,18 @@ is only read to report the chosen candidate.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .data.tasks import TextTask
 from .errors import InputError
-from .families.text import TextClassifierFamily, accuracy
+from .families.text import TextClassifierFamily, accuracy, embed
 
 BodyParams = Mapping[str, Tensor] | None
 # a body for every task (one merged model), or a function task -> body (experts, dynamic methods)
@@ -67,6 +69,50 @@ def normalized_average(per_task: Mapping[str, float], reference: Mapping[str, fl
     return mean([per_task[t] / reference[t] if reference[t] > 0 else 0.0 for t in per_task])
 
 
+def fingerprint(params: BodyParams) -> str:
+    """A content hash of a body's parameters (``None``: the family's own weights): equal tensors, equal hash."""
+    if params is None:
+        return "own-weights"
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(params):
+        t = params[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Pooled features of (body, texts), computed once per benchmark run and held in memory.
+
+    Keyed by a content hash of the body's tensors and of the texts, so rows that run the same body on
+    the same texts (a static merge evaluated again with SyMerge's heads, the experts whose outputs are
+    also SyMerge's pseudo-labels) share one forward pass. Features are deterministic given the body
+    and texts, so a hit returns exactly what a new pass would.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[str, str], Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def features(self, family, params: BodyParams, texts: Sequence[str], *, batch_size: int = 64,
+                 progress: bool = False, desc: str | None = None, body_key: str | None = None) -> Tensor:
+        """``embed(family, texts, params)``, or the stored result; ``body_key``: ``fingerprint(params)`` if
+        the caller has it already."""
+        h = hashlib.blake2b(digest_size=16)
+        for x in texts:
+            h.update(x.encode())
+            h.update(b"\0")
+        key = (body_key or fingerprint(params), h.hexdigest())
+        if key in self._store:
+            self.hits += 1
+            return self._store[key]
+        self.misses += 1
+        feats = embed(family, texts, params, batch_size, progress, desc)
+        self._store[key] = feats
+        return feats
+
+
 def evaluate_tasks(
     family: TextClassifierFamily,
     body: BodyForTask,
@@ -76,15 +122,29 @@ def evaluate_tasks(
     batch_size: int = 64,
     progress: bool = False,
     label: str = "",
+    cache: FeatureCache | None = None,
 ) -> dict[str, float]:
-    """Accuracy per task: each task's texts through ``body`` (or ``body(task)``) and that task's head."""
+    """Accuracy per task: each task's texts through ``body`` (or ``body(task)``) and that task's head.
+
+    With ``cache``, features already computed for the same body and texts are reused."""
     out: dict[str, float] = {}
+    shared_key = fingerprint(body) if cache is not None and not callable(body) else None
     for task, split in splits.items():
         if task not in heads:
             raise InputError(f"no head for task {task!r}; heads exist for {sorted(heads)}")
         params = body(task) if callable(body) else body
-        out[task] = accuracy(family, split.texts, split.labels, heads[task], params, batch_size=batch_size,
-                             progress=progress, desc=f"{label} {task}".strip())
+        desc = f"{label} {task}".strip()
+        if cache is None:
+            out[task] = accuracy(family, split.texts, split.labels, heads[task], params, batch_size=batch_size,
+                                 progress=progress, desc=desc)
+            continue
+        if len(split) == 0:
+            raise InputError(f"task {task!r}: accuracy of an empty set of texts")
+        with torch.no_grad():
+            feats = cache.features(family, params, split.texts, batch_size=batch_size, progress=progress, desc=desc,
+                                   body_key=shared_key)
+            pred = heads[task](feats).argmax(-1).cpu()
+        out[task] = float((pred == torch.as_tensor(split.labels, dtype=torch.long)).float().mean())
     return out
 
 

@@ -16,6 +16,10 @@ per-sample forward while :func:`per_sample_mixing` is active:
   itself, so ``1 + T / tokens`` times a static layer.
 - ``nn.Embedding``: ``E_0[ids] + sum_t C[b, t] tau_t[ids]`` (a gather, no matrix formed).
 - ``nn.LayerNorm``: the affine weight and bias mixed per sample and broadcast over the tokens.
+- low rank (optional, ``factors``): a weight's task vectors given as rank-r factors
+  ``tau_t ~ U_t V_t`` (:func:`low_rank_factors`, truncated SVD) mix as
+  ``y = W_0 x + sum_t C[b, t] U_t (V_t x)``: two thin products of ``T * r`` columns instead of a
+  per-sample ``out x in`` matrix; exact when ``r`` is the full rank.
 
 A module type with merged parameters that is not in that list is refused with an error naming it, so
 a result is never silently wrong. :func:`per_sample_reference` is the slow oracle: it materialises each
@@ -99,15 +103,25 @@ def _leading(x: Tensor, batch: int, what: str) -> None:
 
 
 def _linear_forward(weight0: Tensor, bias0: Tensor | None, dw: Tensor | None, db: Tensor | None,
-                    coeffs: Tensor, transposed: bool) -> Callable[[Tensor], Tensor]:
-    """Forward of a Linear (``weight [out, in]``) or Conv1D (``weight [in, out]``, transposed) per sample."""
+                    coeffs: Tensor, transposed: bool,
+                    factors: tuple[Tensor, Tensor] | None = None) -> Callable[[Tensor], Tensor]:
+    """Forward of a Linear (``weight [out, in]``) or Conv1D (``weight [in, out]``, transposed) per sample.
+
+    With ``factors = (U [out, T*r], V [T*r, in])`` the weight's task vectors are taken as
+    ``tau_t = U[:, t*r:(t+1)*r] @ V[t*r:(t+1)*r]`` (the Linear orientation, Conv1D included)."""
 
     def forward(x: Tensor) -> Tensor:
         b = coeffs.shape[0]
         _leading(x, b, "a linear layer's input")
         flat = x.reshape(b, -1, x.shape[-1])
-        if dw is None:
-            w_b = None
+        w_b = None
+        if factors is not None:
+            u, v = factors
+            y = F.linear(flat, weight0.T if transposed else weight0)
+            z = F.linear(flat, v)  # [B, L, T*r]
+            scale = coeffs.to(z.dtype).repeat_interleave(v.shape[0] // coeffs.shape[1], dim=1)
+            y = y + F.linear(z * scale.unsqueeze(1), u)
+        elif dw is None:
             y = F.linear(flat, weight0.T if transposed else weight0)
         else:
             w_b = weight0.unsqueeze(0) + _mix(dw, coeffs).to(weight0.dtype)  # [B, out, in] or [B, in, out]
@@ -169,6 +183,7 @@ def per_sample_mixing(
     coeffs: Tensor | Callable[[], Tensor],
     *,
     keys: set[str] | None = None,
+    factors: Mapping[str, tuple[Tensor, Tensor]] | None = None,
 ) -> Iterator[None]:
     """Within the block, ``body(...)`` computes equation (2) for its batch.
 
@@ -178,7 +193,10 @@ def per_sample_mixing(
     parameter names (default: every key of ``stacked``). A patched module computes from
     ``pretrained`` (theta_0) and the task vectors; every other module runs with the parameters the
     body has at call time, so wrap the call in :func:`run_with` to give those (a static merge, say).
+    ``factors`` (from :func:`low_rank_factors`) replaces the task vectors of those linear weights by
+    their low-rank factors.
     """
+    factors = factors or {}
     get = coeffs if callable(coeffs) else (lambda: coeffs)
     mixed = set(stacked.tensors) if keys is None else set(keys) & set(stacked.tensors)
     patched: list[nn.Module] = []
@@ -197,8 +215,12 @@ def per_sample_mixing(
             if isinstance(module, nn.Linear) or _is_conv1d(module):
                 transposed = not isinstance(module, nn.Linear)
 
-                def fwd(self, x, _w=p["weight"], _b=p.get("bias"), _dw=d["weight"], _db=d.get("bias"), _t=transposed):
-                    return _linear_forward(_w, _b, _dw, _db, get(), _t)(x)
+                wkey = full["weight"]
+                f = factors.get(wkey) if wkey in mixed else None
+
+                def fwd(self, x, _w=p["weight"], _b=p.get("bias"), _dw=d["weight"], _db=d.get("bias"), _t=transposed,
+                        _f=f):
+                    return _linear_forward(_w, _b, _dw, _db, get(), _t, _f)(x)
             elif isinstance(module, nn.Embedding):
                 def fwd(self, ids, _w=p["weight"], _dw=d["weight"]):
                     return _embedding_forward(self, _w, _dw, get())(ids)
@@ -218,6 +240,36 @@ def per_sample_mixing(
         for module in patched:
             with contextlib.suppress(AttributeError):
                 del module.forward
+
+
+def low_rank_factors(stacked: StackedVectors, body: nn.Module, rank: int) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, float]]:
+    """Rank-``rank`` truncated SVD of the task vectors of every ``nn.Linear`` / Conv1D weight of ``body``.
+
+    Returns ``(factors, error)``: ``factors[key] = (U [out, T*r], V [T*r, in])`` in the ``nn.Linear``
+    orientation (GPT-2's Conv1D weights, ``[in, out]``, are transposed first), ``U_t`` carrying the
+    singular values, and ``error[key]`` the relative Frobenius error ``||tau - U V|| / ||tau||`` over all
+    tasks (0 at full rank). By Eckart-Young each ``U_t V_t`` is the best rank-r approximation of tau_t.
+    """
+    if rank < 1:
+        raise InputError(f"low-rank rank must be at least 1, got {rank}")
+    linear = {f"{n}.weight" if n else "weight": _is_conv1d(m) for n, m in body.named_modules()
+              if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    error: dict[str, float] = {}
+    for key, stack in stacked.tensors.items():
+        if key not in linear:
+            continue
+        mats = stack.transpose(1, 2) if linear[key] else stack  # [T, out, in]
+        r = min(rank, mats.shape[1], mats.shape[2])
+        u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+        us = u[:, :, :r] * s[:, None, :r]  # [T, out, r]
+        v = vh[:, :r, :]  # [T, r, in]
+        approx = us @ v
+        denom = float(mats.norm())
+        error[key] = float((mats - approx).norm()) / denom if denom > 0 else 0.0
+        factors[key] = (us.permute(1, 0, 2).reshape(mats.shape[1], -1).contiguous(),
+                        v.reshape(-1, mats.shape[2]).contiguous())
+    return factors, error
 
 
 def run_with(body: nn.Module, params: StateDict | None, *args, **kwargs):

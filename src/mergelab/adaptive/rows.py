@@ -19,16 +19,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..data.tasks import TextTask
 from ..errors import InputError
-from ..evaluate import MethodResult, Timer, evaluate_tasks, mean, normalized_average
+from ..evaluate import FeatureCache, MethodResult, Timer, evaluate_tasks, mean, normalized_average
 from ..methods import plan as make_plan
 from ..statedict import StateDict, combine, task_vectors
 from .adamerging import DEFAULT_ADAMERGING_STEPS, adamerging, ties_vectors
 from .result import AdaptResult
-from .symerge import DEFAULT_SYMERGE_STEPS, symerge
+from .symerge import DEFAULT_SYMERGE_STEPS, PseudoLabels, symerge
 
 ADAPTIVE_ROWS = (
     "adamerging_taskwise", "adamerging_layerwise", "adamerging_plusplus", "symerge",
@@ -99,6 +100,7 @@ def adaptive_rows(
     progress: bool = True,
     adapted: dict[str, AdaptResult] | None = None,
     on_row=None,
+    cache: FeatureCache | None = None,
 ) -> dict[str, MethodResult]:
     """Adapt and evaluate the rows in ``rows`` (default: all of :data:`ADAPTIVE_ROWS`).
 
@@ -107,7 +109,10 @@ def adaptive_rows(
     evaluation ``eval_split``. ``steps`` / ``options``: per-method overrides (method -> steps / keyword
     arguments of :func:`adapt`). ``adapted``: if given, filled with the :class:`AdaptResult` of each
     method run (e.g. to plug SyMerge's heads into SE-Merging). ``on_row(name, result)`` is called as
-    each row is finished.
+    each row is finished. ``cache``: a :class:`~mergelab.evaluate.FeatureCache` shared with the other
+    rows of a run: evaluations of a body already run on the same texts (the static Task Arithmetic and
+    TIES bodies under SyMerge's heads) and SyMerge's pseudo-labels (each expert on its own task's
+    texts: the ``individual`` row's forward) reuse its features.
     """
     wanted = list(ADAPTIVE_ROWS if rows is None else rows)
     unknown = [r for r in wanted if r not in ADAPTIVE_ROWS]
@@ -133,8 +138,12 @@ def adaptive_rows(
         needed.append("symerge")
     for method in needed:
         with Timer() as tm:
+            opts = options.get(method, {})
+            if method == "symerge" and cache is not None and "pseudo_labels" not in opts and opts.get("loss", "selflabel") == "selflabel":
+                opts = {**opts, "pseudo_labels": _cached_pseudo_labels(family, expert_bodies, heads, texts, cache,
+                                                                        batch_size)}
             res = adapt(method, family, pretrained_state, expert_bodies, heads, texts, steps=steps.get(method),
-                        seed=seed, progress=progress, vectors=vectors, **options.get(method, {}))
+                        seed=seed, progress=progress, vectors=vectors, **opts)
             adapted[method] = res
             per_task = evaluate_tasks(family, res.body_fn(), res.heads, evaluation, batch_size=batch_size,
                                       progress=progress, label=method) if method in wanted else None
@@ -154,6 +163,19 @@ def adaptive_rows(
                 p = make_plan(method, pretrained_state, expert_bodies, **params)
                 body = combine(pretrained_state, p.vectors, p.coefficients)
                 per_task = evaluate_tasks(family, body, sy.heads, evaluation, batch_size=batch_size,
-                                          progress=progress, label=row)
+                                          progress=progress, label=row, cache=cache)
             finish(row, per_task, tm.seconds, {**params, "heads": "symerge", "symerge_steps": sy.steps})
     return {r: results[r] for r in wanted if r in results}
+
+
+@torch.no_grad()
+def _cached_pseudo_labels(family, experts, heads, texts, cache: FeatureCache, batch_size: int) -> dict[str, PseudoLabels]:
+    """SyMerge's pseudo-labels (each expert's hard label and confidence on its own task's texts) from the
+    run's feature cache: the same numbers as :func:`~mergelab.adaptive.symerge.expert_pseudo_labels`,
+    without a second expert pass when the ``individual`` row already ran."""
+    out = {}
+    for task, seq in texts.items():
+        feats = cache.features(family, experts[task], seq, batch_size=batch_size)
+        conf, labels = torch.softmax(heads[task](feats).float(), -1).max(-1)
+        out[task] = PseudoLabels(labels.cpu(), conf.cpu())
+    return out

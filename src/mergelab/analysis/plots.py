@@ -113,3 +113,28 @@ def cost_plot(cost: Mapping, path: str | Path) -> Path:
     ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def lowrank_plot(study: Mapping, path: str | Path) -> Path:
+    """Accuracy and cost of the low-rank per-sample forward against rank, with the exact path and the
+    static merge as horizontal references."""
+    plt = _plt()
+    rows = study["lowrank"]
+    ranks = [r["rank"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a1.plot(ranks, [100 * r["average"] for r in rows], marker="o", label="SE-Merging lowrank")
+    a1.axhline(100 * study["exact"]["average"], color="tab:green", ls="--", label="SE-Merging exact")
+    a1.axhline(100 * study["static"]["average"], color="grey", ls=":", label="static merge")
+    a2.plot(ranks, [r["ratio_to_static"] for r in rows], marker="o", label="lowrank")
+    a2.axhline(study["exact"]["ratio_to_static"], color="tab:green", ls="--", label="exact")
+    a2.axhline(1.0, color="grey", ls=":", label="static")
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank of the task vectors")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    a1.set_ylabel("average accuracy (%)")
+    a2.set_ylabel("time per sample / static merged model")
+    fig.suptitle(f"low-rank per-sample forward ({study['split']}, {study['n_per_task']} per task)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

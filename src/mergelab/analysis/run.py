@@ -10,9 +10,9 @@ from ..dynamic import NORMALISATIONS, RouterConfig
 from ..errors import InputError
 from ..io import atomic_write_text
 from . import plots
-from .se_study import cost_study, grid_study, probe_study, probe_sweep
+from .se_study import cost_study, grid_study, lowrank_study, probe_study, probe_sweep
 
-KINDS = ("auto-adaptation", "routing", "probe-sweep", "cost", "se-select")
+KINDS = ("auto-adaptation", "routing", "probe-sweep", "cost", "se-select", "lowrank")
 
 
 def _write(out: Path, name: str, data) -> Path:
@@ -22,7 +22,8 @@ def _write(out: Path, name: str, data) -> Path:
 
 def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None = None, n_per_task: int = 100,
                  n_calib: int = 32, layers: Sequence[int] | None = None, temperatures: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
-                 masses: Sequence[float] = (0.4, 0.6, 1.0), progress: bool = True) -> dict[str, Path]:
+                 masses: Sequence[float] = (0.4, 0.6, 1.0), ranks: Sequence[int] = (4, 16, 64),
+                 progress: bool = True) -> dict[str, Path]:
     """Run one analysis on the validation split of ``ctx`` (a :class:`~mergelab.benchmarks.run.BenchmarkContext`)."""
     if kind not in KINDS:
         raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
@@ -64,6 +65,12 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
         sweep = probe_sweep(ctx, layers=layers, config=cfg, n_per_task=n_per_task, n_calib=n_calib, progress=progress)
         files["json"] = _write(out, "probe_sweep.json", sweep)
         files["png"] = plots.probe_sweep_plot(sweep, out / "probe_sweep.png")
+    elif kind == "lowrank":
+        if any(int(r) < 1 for r in ranks):
+            raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
+        study = lowrank_study(ctx, ranks=ranks, config=cfg, n_per_task=n_per_task, n_calib=n_calib, progress=progress)
+        files["json"] = _write(out, "lowrank.json", study)
+        files["png"] = plots.lowrank_plot(study, out / "lowrank.png")
     else:
         cost = cost_study(ctx, n_samples=max(5, n_per_task), config=cfg)
         files["json"] = _write(out, "cost.json", cost)

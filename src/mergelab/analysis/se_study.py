@@ -115,9 +115,57 @@ def probe_sweep(ctx, *, layers: Sequence[int], config: RouterConfig | None = Non
 
 
 @torch.no_grad()
+def lowrank_study(ctx, *, ranks: Sequence[int] = (4, 16, 64), config: RouterConfig | None = None,
+                  split: str = "validation", n_per_task: int = 100, n_calib: int = 32, batch_size: int = 64,
+                  progress: bool = False) -> dict:
+    """The low-rank lever of the per-sample forward: for each rank r, the validation accuracy of
+    SE-Merging's ``"lowrank"`` mode against the exact path (same routing, computed once per batch), the
+    relative Frobenius error of the rank-r task vectors, and seconds per sample next to the static merge
+    and the exact path, timed in this run."""
+    se = se_model(ctx, config=config)
+    if se.config.normalisation == "prototype":
+        se.calibrate(_texts(ctx, split, 0, n_calib))
+    data = _subsplits(ctx, split, n_calib, n_per_task)
+    heads, family = ctx.heads, ctx.family
+    batches = []  # (task, batch, labels, routing)
+    for task, sub in data.items():
+        for idx in iter_batches(sub.texts, batch_size):
+            b = family.tokenize([sub.texts[i] for i in idx])
+            batches.append((task, b, torch.tensor([sub.labels[i] for i in idx]), se.route(b)))
+    n = sum(len(s) for s in data.values())
+
+    def run(fn) -> tuple[dict[str, float], float]:
+        correct = dict.fromkeys(data, 0)
+        t0 = time.perf_counter()
+        for task, b, y, routing in batches:
+            correct[task] += int((heads[task](fn(b, routing)).argmax(-1).cpu() == y).sum())
+        sec = (time.perf_counter() - t0) / n
+        return {t: correct[t] / len(data[t]) for t in data}, sec
+
+    def summary(acc, sec, **extra):
+        return {"average": sum(acc.values()) / len(acc), "per_task": acc, "seconds_per_sample": sec, **extra}
+
+    static_acc, static_sec = run(lambda b, r: family.features(b, se.static))
+    exact_acc, exact_sec = run(lambda b, r: se.features(b, "exact", routing=r)[0])
+    rows = []
+    for rank in ranks:
+        se.lowrank_rank = int(rank)
+        _, errors = se.low_rank_factors()
+        acc, sec = run(lambda b, r: se.features(b, "lowrank", routing=r)[0])
+        rows.append({"rank": int(rank), **summary(acc, sec),
+                     "relative_error_mean": sum(errors.values()) / max(1, len(errors)),
+                     "ratio_to_static": sec / static_sec})
+    return {
+        "split": split, "n_per_task": n_per_task, "router": se.config.to_dict(), "threads": torch.get_num_threads(),
+        "static": summary(static_acc, static_sec), "exact": summary(exact_acc, exact_sec, ratio_to_static=exact_sec / static_sec),
+        "lowrank": rows,
+    }
+
+
+@torch.no_grad()
 def cost_study(ctx, *, n_samples: int = 128, n_reference: int = 16, batch_size: int = 64, repeats: int = 3,
                config: RouterConfig | None = None, split: str = "validation") -> dict:
-    """Seconds per sample of: the static merged model, SE-Merging reference / exact / fast /
+    """Seconds per sample of: the static merged model, SE-Merging reference / exact / fast / lowrank /
     single-pass (and prototype-exact when the rule is not already the prototype one), and running every expert (an ensemble's cost), all in this one run, interleaved.
 
     Takes the median over ``repeats`` rounds; the reference path runs on ``n_reference`` samples only.
@@ -149,7 +197,7 @@ def cost_study(ctx, *, n_samples: int = 128, n_reference: int = 16, batch_size: 
         se.features(ref_batch, "reference")
 
     runs = {"static": (static, len(texts)), "se_exact": (mode("exact"), len(texts)),
-            "se_fast": (mode("fast"), len(texts)), "se_single_pass": (mode("single-pass"), len(texts)),
+            "se_fast": (mode("fast"), len(texts)), "se_lowrank": (mode("lowrank"), len(texts)), "se_single_pass": (mode("single-pass"), len(texts)),
             "ensemble": (ensemble, len(texts)), "se_reference": (reference, n_reference)}
     if se.config.normalisation != "prototype":  # with the prototype rule, exact already is prototype-exact
         runs["se_prototype_exact"] = (mode("prototype-exact"), len(texts))
@@ -166,5 +214,5 @@ def cost_study(ctx, *, n_samples: int = 128, n_reference: int = 16, batch_size: 
         "ratio_to_static": {k: v / med["static"] for k, v in med.items()},
         "exact_speedup_over_reference": med["se_reference"] / med["se_exact"],
         "n_samples": len(texts), "n_reference": n_reference, "batch_size": batch_size, "repeats": repeats,
-        "router": se.config.to_dict(), "threads": torch.get_num_threads(),
+        "router": se.config.to_dict(), "lowrank_rank": se.lowrank_rank, "threads": torch.get_num_threads(),
     }

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..evaluate import MethodResult, Timer, evaluate_tasks, mean, normalized_average, search
+from ..evaluate import FeatureCache, MethodResult, Timer, evaluate_tasks, mean, normalized_average, search
 from ..methods import plan as make_plan
 from ..statedict import combine
 from .finetune import get_or_train_expert
@@ -132,9 +132,13 @@ def run_benchmark(
     if spec.search_per_task is not None:  # the coefficient searches read the first N validation examples
         val = {t: v.subset(range(min(len(v), spec.search_per_task))) for t, v in val.items()}
     evaluated: dict[str, dict[str, float]] = {}  # (method, params) -> test accuracies: identical merges run once
+    # test features by body content: rows that rerun a body on the test texts (SyMerge's pseudo-labels are the
+    # experts' outputs; the transfer rows put SyMerge's heads on the static bodies) reuse the forward pass
+    test_cache = FeatureCache()
 
     def run_eval(body, which, label) -> dict[str, float]:
-        return evaluate_tasks(family, body, heads, which, batch_size=batch_size, progress=progress, label=label)
+        return evaluate_tasks(family, body, heads, which, batch_size=batch_size, progress=progress, label=label,
+                              cache=test_cache if which is test else None)
 
     results: dict[str, MethodResult] = {}
     wanted = set(rows) if rows is not None else None
@@ -179,8 +183,9 @@ def run_benchmark(
                                         normalized_average(per_task, expert_acc), tm.seconds, params, validation)
         _print_row(console, row.row, results[row.row])
 
+    se_features: dict[str, dict] = {}
     se_rows = se_merging_rows(spec, family, pre, bodies, heads, splits, results, expert_acc, wanted,
-                              batch_size=batch_size, progress=progress, console=console)
+                              batch_size=batch_size, progress=progress, console=console, features=se_features)
     results.update(se_rows)
 
     from ..adaptive import ADAPTIVE_ROWS, adaptive_rows
@@ -196,12 +201,13 @@ def run_benchmark(
             family, pre, bodies, heads, splits, expert_acc, rows=adaptive_wanted, seed=spec.seed,
             steps=dict(spec.adaptive_steps) if spec.adaptive_steps else None,
             ties_scaling=ties_params.get("scaling", 1.0), ties_density=ties_params.get("density", 0.2),
-            batch_size=batch_size, progress=progress, adapted=adapted,
+            batch_size=batch_size, progress=progress, adapted=adapted, cache=test_cache,
             on_row=lambda name, r: _print_row(console, name, r)))
     if "symerge" in adapted and (wanted is None or transfer_se in wanted):
         results.update(se_merging_rows(spec, family, pre, bodies, adapted["symerge"].heads, splits, results,
                                        expert_acc, {"se_merging_task_arithmetic_fast"}, batch_size=batch_size,
-                                       progress=progress, console=console, rename={"se_merging_task_arithmetic_fast": transfer_se}))
+                                       progress=progress, console=console, rename={"se_merging_task_arithmetic_fast": transfer_se},
+                                       features=se_features))
 
     out = {
         "benchmark": spec.name,
@@ -211,6 +217,7 @@ def run_benchmark(
         "experts": {t: {k: v for k, v in e.meta.items() if k in ("train_seconds", "steps", "cache_hit")}
                     for t, e in experts.items()},
         "environment": _environment(),
+        "feature_cache": {"hits": test_cache.hits, "misses": test_cache.misses},
         "seconds_total": round(time.perf_counter() - t_start, 1),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -226,13 +233,15 @@ SE_ROWS = ("se_merging_task_arithmetic", "se_merging_ties", "se_merging_task_ari
 
 def se_merging_rows(spec, family, pre, bodies, heads, splits, results, expert_acc, wanted, *, batch_size=64,
                     progress=True, console=None, calibration_size: int = 32,
-                    rename: dict[str, str] | None = None) -> dict[str, MethodResult]:
+                    rename: dict[str, str] | None = None, features: dict[str, dict] | None = None) -> dict[str, MethodResult]:
     """SE-Merging over Task Arithmetic (base lambda 0.3, the paper's) and over TIES (its scaling as chosen
     on validation above), exact per-sample forward; plus the fast single-pass path over Task Arithmetic.
 
     The router's parameters are :class:`~mergelab.dynamic.RouterConfig`'s defaults (chosen on the
     validation splits, docs/methods.md). The fast path's prototypes come from the first
-    ``calibration_size`` *validation* texts of each task (inputs only).
+    ``calibration_size`` *validation* texts of each task (inputs only). ``features``: row -> the test
+    features and routing of each row computed (filled), reused when the same row is asked for again
+    with other heads (``rename``): SE-Merging's routing and features do not depend on the heads.
     """
     from ..dynamic import RouterConfig, SEMerging
     from ..dynamic.evaluate import evaluate_se
@@ -251,12 +260,21 @@ def se_merging_rows(spec, family, pre, bodies, heads, splits, results, expert_ac
         if wanted is not None and row not in wanted:
             continue
         with Timer() as tm:
-            se = SEMerging(family, pre, make_plan(method, pre, bodies, **params), bodies, config)
-            if mode == "fast" or config.normalisation == "prototype":
-                se.calibrate(calib)
-            per_task, routing = evaluate_se(se, heads, test, mode=mode, batch_size=batch_size, progress=progress,
-                                            label=row)
-            del se
+            if features is not None and row in features:
+                feats, routing = features[row]["features"], features[row]["routing"]
+                with torch.no_grad():
+                    per_task = {t: float((heads[t](feats[t]).argmax(-1) == torch.as_tensor(test[t].labels)).float().mean())
+                                for t in test}
+            else:
+                se = SEMerging(family, pre, make_plan(method, pre, bodies, **params), bodies, config)
+                if mode == "fast" or config.normalisation == "prototype":
+                    se.calibrate(calib)
+                feats = {}
+                per_task, routing = evaluate_se(se, heads, test, mode=mode, batch_size=batch_size, progress=progress,
+                                                label=row, features_out=feats if features is not None else None)
+                if features is not None:
+                    features[row] = {"features": feats, "routing": routing}
+                del se
         name = (rename or {}).get(row, row)
         out[name] = MethodResult(per_task, mean(list(per_task.values())), normalized_average(per_task, expert_acc),
                                  tm.seconds, {"base": method, **params, **config.to_dict(), "mode": mode,

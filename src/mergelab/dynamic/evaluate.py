@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..data.tasks import TextTask
 from ..families.text import iter_batches
@@ -23,10 +23,12 @@ def evaluate_se(
     batch_size: int = 64,
     progress: bool = False,
     label: str = "se_merging",
+    features_out: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, float], dict]:
     """``(accuracy per task, routing summary)``; the routing summary has the routing accuracy per task
     (share of a task's samples whose largest weight is on that task, when the task is one of the
-    merged ones), the confusion matrix and the mean weight entropy."""
+    merged ones), the confusion matrix and the mean weight entropy. ``features_out``, if given, receives
+    each task's pooled features ``[N, H]`` in input order (to score other heads without a second pass)."""
     family = se.family
     acc: dict[str, float] = {}
     T = len(se.tasks)
@@ -39,9 +41,12 @@ def evaluate_se(
         bar = tqdm(total=sum(len(s) for s in splits.values()), desc=f"{label} ({mode})", unit="ex", leave=False)
     for task, split in splits.items():
         correct = 0
+        keep = torch.empty(len(split), family.hidden_size) if features_out is not None else None
         for idx in iter_batches(split.texts, batch_size):
             batch = family.tokenize([split.texts[i] for i in idx])
             feats, routing = se.features(batch, mode)
+            if keep is not None:
+                keep[torch.tensor(idx)] = feats.detach().float().cpu()
             pred = heads[task](feats).argmax(-1).cpu()
             correct += int((pred == torch.tensor([split.labels[i] for i in idx])).sum())
             if task in se.tasks:
@@ -52,6 +57,8 @@ def evaluate_se(
             if bar is not None:
                 bar.update(len(idx))
         acc[task] = correct / len(split)
+        if keep is not None:
+            features_out[task] = keep
     if bar is not None:
         bar.close()
     rows = conf.sum(1).clamp_min(1)

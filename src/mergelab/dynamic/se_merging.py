@@ -19,6 +19,11 @@ Forward modes, all behind :meth:`SEMerging.features`:
 - ``"single-pass"``: one pass. Layers up to the probe layer run the static merge; a hook at the probe
   layer routes against the prototypes and sets the coefficients the per-sample layers above it use.
 - ``"prototype-exact"``: prototype routing from a static probe pass, then the exact per-sample forward.
+- ``"lowrank"``: the router's own rule, then equation (2) written around the static merge,
+  ``theta_b = theta_static + sum_t (C[b, t] - lambda_t) tau_t``, with each linear weight's tau_t
+  replaced by its rank-``lowrank_rank`` truncated SVD (:func:`~mergelab.functional.low_rank_factors`):
+  exact for samples whose coefficients equal the base ones, and the per-sample part costs two thin
+  products instead of a per-sample weight matrix. Biases, layer norms and embeddings stay exact.
 """
 
 from __future__ import annotations
@@ -30,13 +35,13 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..functional import StackedVectors, per_sample_mixing, per_sample_reference, run_with
+from ..functional import StackedVectors, low_rank_factors, per_sample_mixing, per_sample_reference, run_with
 from ..methods.registry import MergePlan
 from ..statedict import StateDict
 from . import router as R
 from .router import RouterConfig
 
-MODES = ("reference", "exact", "fast", "single-pass", "prototype-exact")
+MODES = ("reference", "exact", "fast", "single-pass", "prototype-exact", "lowrank")
 
 
 @dataclass
@@ -66,7 +71,11 @@ class SEMerging:
         plan: MergePlan,
         experts: Mapping[str, StateDict],
         config: RouterConfig | None = None,
+        lowrank_rank: int = 32,
     ) -> None:
+        if int(lowrank_rank) < 1:
+            raise InputError(f"lowrank_rank must be at least 1, got {lowrank_rank}")
+        self.lowrank_rank = int(lowrank_rank)
         self.family = family
         self.config = config or RouterConfig()
         family.check_layer(self.config.layer)
@@ -148,6 +157,8 @@ class SEMerging:
         if routing is None:
             routing = self.route(batch, self.with_config(normalisation="prototype") if mode == "prototype-exact" else None)
         coeffs = routing.coefficients.to(self.family.device)
+        if mode == "lowrank":
+            return self.low_rank_features(batch, coeffs), routing
         if mode == "reference":
             def one(theta, b):
                 single = {k: v[b : b + 1] for k, v in batch.items()}
@@ -161,6 +172,24 @@ class SEMerging:
         body = self.family.body
         with per_sample_mixing(body, self.pretrained, self.stacked, coeffs):
             out = run_with(body, self.pretrained, **batch)
+        return self.family.pool(out.last_hidden_state, batch["attention_mask"])
+
+    def low_rank_factors(self) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, float]]:
+        """The rank-``lowrank_rank`` factors of the linear weights' task vectors and their relative errors
+        (computed once)."""
+        if getattr(self, "_factors_rank", None) != self.lowrank_rank:
+            self._factors = low_rank_factors(self.stacked, self.family.body, self.lowrank_rank)
+            self._factors_rank = self.lowrank_rank
+        return self._factors
+
+    def low_rank_features(self, batch: Mapping[str, Tensor], coeffs: Tensor) -> Tensor:
+        """Features of the ``"lowrank"`` mode: the deviation ``C - lambda`` from the static merge mixed per
+        sample through the low-rank factors."""
+        body = self.family.body
+        factors, _ = self.low_rank_factors()
+        delta = coeffs - self.base.to(coeffs.device)
+        with per_sample_mixing(body, self.static, self.stacked, delta, factors=factors):
+            out = run_with(body, self.static, **batch)
         return self.family.pool(out.last_hidden_state, batch["attention_mask"])
 
     def group_coefficients(self) -> Tensor:
