@@ -14,9 +14,11 @@ one stood. Writing over (or inside) any input is refused.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -167,13 +169,60 @@ def _contiguous_unshared(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _tmp_tag() -> str:
+    """``<host>-<pid>``: whose temporary directory this is (see :func:`_remove_dead_tmp`)."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def _remove_dead_tmp(out: Path) -> None:
+    """Remove temporary directories beside ``out`` left by killed writers on this host.
+
+    Only ``.<name>.tmp-<host>-<pid>-*`` of this host whose process is gone; never the ``.old-*``
+    copy (between the two renames of a replacement it may be the only copy of the previous output).
+    """
+    host = _tmp_tag().rsplit("-", 1)[0]
+    prefix = f".{out.name}.tmp-{host}-"
+    for p in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush the files under ``root`` to disk, so that a rename never publishes unwritten data."""
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def atomic_write_dir(out: Path, fill) -> Path:
-    """Create a directory at ``out`` by ``fill(tmp_dir)`` in a sibling temporary directory + rename."""
+    """Create a directory at ``out`` by ``fill(tmp_dir)`` in a sibling temporary directory + rename.
+
+    A writer killed mid-way leaves ``out`` as it was and its temporary directory beside it; the next
+    write to ``out`` on this host removes such leftovers of dead processes.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_dead_tmp(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_tmp_tag()}-", dir=out.parent))
     try:
         fill(tmp)
+        _fsync_tree(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)

@@ -98,6 +98,10 @@ def load_context(spec: BenchmarkSpec, *, cache_dir=None, progress: bool = True, 
         console.print(f"  {t}: train {len(s['train'])}, validation {len(s['validation'])}, test {len(s['test'])}, "
                       f"{s['train'].n_classes} classes", highlight=False)
     family = spec.family()
+    for task_spec in spec.tasks:  # users' files: refuse texts the tokenizer reduces to nothing, before training
+        if task_spec.path is not None:
+            for split in splits[task_spec.name].values():
+                family.check_texts(split.texts, f"task {task_spec.name!r} ({task_spec.path})", split.ids)
     experts = {}
     for t in splits:
         experts[t] = get_or_train_expert(family, splits[t], spec.recipe, cache_dir=cache_dir, progress=progress)
