@@ -398,6 +398,25 @@ def test_analyze_refuses_parameters_before_training(tiny_bench, tmp_path):
     assert not cache.exists()
 
 
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["bench", "-b", "tiny-rel", "--row", "ties_typo"], "unknown row(s) ['ties_typo']"),
+        (["bench", "-b", "nope"], "unknown benchmark 'nope'"),
+        (["bench", "-b", "tiny-rel", "--task", "noequals"], "expected NAME=PATH"),
+        (["analyze", "nope", "-b", "tiny-rel"], "unknown analysis 'nope'"),
+        (["adapt", "-m", "adamerging_taskwise", "-b", "tiny-rel", "--steps", "-1"], "--steps -1"),
+        (["adapt", "-m", "adamerging_taskwise", "-b", "tiny-rel", "--lr", "0"], "--lr 0.0"),
+        (["adapt", "-m", "ties", "-b", "tiny-rel"], "--method 'ties'"),
+        (["adapt", "-m", "symerge", "-b", "tiny-rel", "--loss", "mse"], "--loss 'mse'"),
+    ],
+)
+def test_other_cli_options_refused_before_any_work(tiny_bench, tmp_path, args, needle):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    refused([*args, "-q", "--out", str(out), "--cache", str(cache)], needle, out=out)
+    assert not cache.exists()
+
+
 # ---------------------------------------------------------------------------------------------- YAML config
 def load_pool_yaml(path: Path) -> PoolConfig:
     """The loader a YAML run config goes through (mergelab.config, issue 7, wraps the same two steps):
