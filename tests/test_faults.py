@@ -260,3 +260,27 @@ def test_disk_full_in_the_expert_cache(family, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert ft.get_or_train_expert(family, task, RECIPE, cache_dir=cache, progress=False).meta["cache_hit"] is False
     assert ft.get_or_train_expert(family, task, RECIPE, cache_dir=cache, progress=False).meta["cache_hit"] is True
+
+
+# ---------------------------------------------------------------------------------------------- replacing an output
+def test_replacing_an_output_never_leaves_the_target_missing(tmp_path, monkeypatch):
+    """Where the system can swap two directories atomically (Linux renameat2), a replacement never moves
+    the previous output aside; elsewhere the two-rename fallback still ends with the new output."""
+    out = io.save_model({"w": torch.ones(3)}, tmp_path / "out")
+    probe_a, probe_b = tmp_path / "pa", tmp_path / "pb"
+    probe_a.mkdir()
+    probe_b.mkdir()
+    (probe_a / "f").write_text("a")
+    supported = io._exchange(probe_a, probe_b)
+    if supported:
+        assert (probe_b / "f").read_text() == "a" and not (probe_a / "f").exists()
+    moved_aside = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (moved_aside.append(Path(src)), real_replace(src, dst))[1])
+    io.save_model({"w": torch.full((3,), 2.0)}, out)
+    assert torch.equal(io.load_state_dict(out)["w"], torch.full((3,), 2.0))
+    assert (out in moved_aside) is (not supported)
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # the fallback path
+    io.save_model({"w": torch.full((3,), 3.0)}, out)
+    assert torch.equal(io.load_state_dict(out)["w"], torch.full((3,), 3.0))
+    assert not list(tmp_path.glob(".out.*"))

@@ -14,11 +14,14 @@ one stood. Writing over (or inside) any input is refused.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import glob
 import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -210,11 +213,31 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def atomic_write_dir(out: Path, fill) -> Path:
     """Create a directory at ``out`` by ``fill(tmp_dir)`` in a sibling temporary directory + rename.
 
-    A writer killed mid-way leaves ``out`` as it was and its temporary directory beside it; the next
-    write to ``out`` on this host removes such leftovers of dead processes.
+    An existing ``out`` is swapped with the new directory in one atomic step where the system allows
+    it (Linux). A writer killed mid-way leaves ``out`` as it was and its temporary directory beside it;
+    the next write to ``out`` on this host removes such leftovers of dead processes.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +246,11 @@ def atomic_write_dir(out: Path, fill) -> Path:
     try:
         fill(tmp)
         _fsync_tree(tmp)
-        if out.exists():
+        if out.is_dir() and not out.is_symlink() and _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous output
+        elif out.exists():
+            # no atomic exchange (not Linux, or a file system without it): two renames; a kill between
+            # them leaves the previous output at .<name>.old-<pid>
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
             os.replace(tmp, out)
