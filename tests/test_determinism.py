@@ -60,10 +60,41 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("method,params", [METHODS[3], METHODS[4]])
-def test_bit_identical_across_processes_and_threads(pool, tmp_path, method, params):
-    """Two fresh interpreters (1 and 2 threads) and this process write byte-identical model.safetensors."""
+CHILD = r'''
+import hashlib, sys, torch
+from pathlib import Path
+from mergelab.cli import app
+from mergelab.benchmarks import finetune as ft
+from mergelab.data.tasks import TextTask
+from mergelab.families.text import TextClassifierFamily
+
+pre, words, merge_args = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
+try:  # the real command line, in this fresh interpreter
+    app(merge_args, prog_name="mergelab")
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+# fine-tuning with the same thread count in every child (thread count changes the low bits)
+torch.set_num_threads(1)
+family = TextClassifierFamily(Path(pre), max_length=16)
+texts = [f"{words[i % 7]} {words[7 + (i * 3) % 9]} {words[(i * 5) % 20]}" for i in range(48)]
+task = TextTask("t", texts, [i % 2 for i in range(48)], label_names=["n", "p"])
+expert = ft.train_expert(family, task, ft.FinetuneRecipe(steps=8, batch_size=16, body_lr=1e-3, head_lr=1e-2),
+                         progress=False)
+h = hashlib.sha256()
+for k in sorted(expert.body_state):
+    h.update(k.encode())
+    h.update(expert.body_state[k].numpy().tobytes())
+h.update(expert.head.weight.detach().numpy().tobytes())
+print("DIGEST", h.hexdigest())
+'''
+
+
+def test_bit_identical_across_processes_and_threads(pool, tmp_path):
+    """Two fresh interpreters (1 and 2 threads) run `mergelab merge` (DARE then TIES) and write
+    byte-identical model.safetensors, equal to this process's merge; and they fine-tune an expert (dropout
+    on, one thread each) to the same bits."""
     pre, experts = pool
+    method, params = METHODS[4]
     args = ["merge", "-m", method, "-p", str(pre)]
     for name, path in experts.items():
         args += ["-e", f"{name}={path}"]
@@ -72,15 +103,19 @@ def test_bit_identical_across_processes_and_threads(pool, tmp_path, method, para
     procs = []
     for threads in (1, 2):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "mergelab.cli", *args, "-o", str(tmp_path / f"t{threads}")],
+        procs.append(subprocess.Popen([sys.executable, "-c", CHILD, str(pre), " ".join(VOCAB[5:]), *args,
+                                       "-o", str(tmp_path / f"t{threads}")],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    finetuned = []
     for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out.decode()
+        finetuned += [line.split()[1] for line in out.decode().splitlines() if line.startswith("DIGEST")]
     pre_sd, expert_sds = _load(pool)
     here = io.save_model(mergelab.merge(method, pre_sd, expert_sds, **params), tmp_path / "here", like=pre)
     digests = {_sha(d / "model.safetensors") for d in (tmp_path / "t1", tmp_path / "t2", here)}
     assert len(digests) == 1
+    assert len(finetuned) == 2 and finetuned[0] == finetuned[1]
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
@@ -134,3 +169,4 @@ def test_bench_twice_identical_accuracies_and_experts(tiny_spec, tmp_path):
     bodies = [{p.parent.name: _sha(p) for p in (tmp_path / f"cache{i}" / "experts").glob("*/body.safetensors")}
               for i in range(2)]
     assert len(bodies[0]) == 2 and bodies[0] == bodies[1]
+
