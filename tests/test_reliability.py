@@ -518,3 +518,25 @@ def test_api_errors_are_input_errors():
     """Every case above derives from InputError (a ValueError), so user code can catch them in one place."""
     assert issubclass(IncompatibleModelsError, InputError) and issubclass(HubUnavailableError, InputError)
     assert issubclass(InputError, ValueError)
+
+
+def test_output_folder_holding_other_files_is_not_replaced(pool, tmp_path):
+    """Replacing a folder deletes its contents: only a previous model folder (or an empty one) may be replaced."""
+    _, pre, a, _ = pool
+    docs = tmp_path / "Documents"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "notes.txt").write_text("mine")
+    (docs / "config.json").write_text("{}")
+    before = digest(docs)
+    refused(merge_args(pre, {"a": a}, docs), f"output path {docs} holds 'notes.txt', 'sub'", "refusing to replace it")
+    assert digest(docs) == before and (docs / "sub").is_dir()
+    note = tmp_path / "note.txt"
+    note.write_text("mine")
+    refused(merge_args(pre, {"a": a}, note), "exists and is not a folder")
+    assert note.read_text() == "mine"
+    # a previous merge output and an empty folder are replaced
+    for target in (tmp_path / "merged", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        for _ in range(2):
+            result = runner.invoke(app, merge_args(pre, {"a": a}, target))
+            assert result.exit_code == 0, result.output

@@ -112,6 +112,7 @@ def merge(
     specs = parse_experts(expert)
     methods.get(method)  # unknown method: fail before loading anything
     io.check_output_path(out, [pretrained, *specs.values()])
+    io.check_replaceable(out)  # before loading anything
     t0 = time.perf_counter()
     pre_sd = io.load_state_dict(pretrained)
     expert_sds = {name: io.load_state_dict(path) for name, path in specs.items()}

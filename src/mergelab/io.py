@@ -19,6 +19,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -232,6 +233,34 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+# what a saved model folder holds: anything else in an existing output means it is not one of ours
+_MODEL_DIR_FILES = {*WEIGHT_FILES, *INDEX_FILES, *SIDECAR_FILES, "head.safetensors", "mergelab.json"}
+_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is absent, empty, or a model folder (as :func:`save_model` writes).
+
+    Replacing a folder deletes what it held: ``--out ~/Documents`` must not.
+    """
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise InputError(f"output path {out} exists and is not a folder; refusing to replace it")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not (p.is_file() and (p.name in _MODEL_DIR_FILES or _SHARD.fullmatch(p.name))))
+    if foreign:
+        raise InputError(
+            f"output path {out} holds {_listing(foreign)}, which a saved model folder does not; refusing to "
+            "replace it. Choose a new or empty folder, or a previous merge output."
+        )
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def atomic_write_dir(out: Path, fill) -> Path:
     """Create a directory at ``out`` by ``fill(tmp_dir)`` in a sibling temporary directory + rename.
 
@@ -240,6 +269,7 @@ def atomic_write_dir(out: Path, fill) -> Path:
     the next write to ``out`` on this host removes such leftovers of dead processes.
     """
     out = Path(out)
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_tmp(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_tmp_tag()}-", dir=out.parent))
