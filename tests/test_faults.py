@@ -90,8 +90,9 @@ def digest(path: Path) -> dict[str, str]:
             for f in sorted(path.rglob("*")) if f.is_file()}
 
 
-def run_and_kill(script: str, ready: Path, *args: str, timeout: float = 120.0) -> None:
-    """Start ``script`` in a fresh interpreter, wait for it to signal ``ready``, SIGKILL it."""
+def run_and_kill(script: str, ready: Path, *args: str, timeout: float = 120.0, sig: int = signal.SIGKILL) -> str:
+    """Start ``script`` in a fresh interpreter, wait for it to signal ``ready``, send ``sig`` (SIGKILL);
+    return its output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen([sys.executable, "-c", script, str(ready), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -103,9 +104,11 @@ def run_and_kill(script: str, ready: Path, *args: str, timeout: float = 120.0) -
             if time.monotonic() > deadline:
                 pytest.fail("the child never reached the write")
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert proc.returncode == -signal.SIGKILL
+        os.kill(proc.pid, sig)
+        output = proc.communicate(timeout=60)[0].decode()
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        return output + f"\n[status {proc.returncode}]"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -284,3 +287,16 @@ def test_replacing_an_output_never_leaves_the_target_missing(tmp_path, monkeypat
     io.save_model({"w": torch.full((3,), 3.0)}, out)
     assert torch.equal(io.load_state_dict(out)["w"], torch.full((3,), 3.0))
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_merge_interrupted_cleans_up(pool, tmp_path):
+    """Ctrl-C (SIGINT) during the write: the temporary folder is removed at once, the previous output kept."""
+    root, pre, a, b = pool
+    out = tmp_path / "merged"
+    assert runner.invoke(app, merge_args(pre, a, b, out, "average")).exit_code == 0
+    before = digest(out)
+    output = run_and_kill(MERGE_CHILD, tmp_path / "ready", *merge_args(pre, a, b, out, "ties"), sig=signal.SIGINT)
+    assert output.endswith("[status 130]"), output
+    assert "Traceback" not in output
+    assert digest(out) == before
+    assert not list(tmp_path.glob(".merged.*"))
