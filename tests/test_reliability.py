@@ -174,6 +174,22 @@ def test_corrupt_safetensors(pool, tmp_path, damage):
     refused(merge_args(pre, {"a": bad}, out), str(bad), "cannot read weights", out=out)
 
 
+class NotWeights:
+    """Any class of the user's: unpickling it could run code, so it is refused."""
+
+
+def test_pickle_checkpoint_that_is_not_a_state_dict(pool, tmp_path):
+    """A .bin holding something else, or an arbitrary pickled object (refused by torch.load(weights_only=True))."""
+    _, pre, _, _ = pool
+    out = tmp_path / "o"
+    not_sd = tmp_path / "list.bin"
+    torch.save([torch.zeros(2)], not_sd)
+    refused(merge_args(pre, {"l": not_sd}, out), str(not_sd), "expected a state dict", out=out)
+    obj = tmp_path / "object.bin"
+    torch.save({"w": torch.zeros(2), "extra": NotWeights()}, obj)  # a class weights_only loading refuses
+    refused(merge_args(pre, {"o": obj}, out), str(obj), "cannot read weights", out=out)
+
+
 def test_truncated_shard_in_sharded_directory(pool, tmp_path):
     _, pre, a, _ = pool
     sd = io.load_state_dict(a)
