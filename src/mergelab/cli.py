@@ -43,6 +43,9 @@ def input_errors_exit_2(fn):
             return fn(*args, **kwargs)
         except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
             _fail(str(exc))
+        except OSError as exc:  # disk full, I/O error: not the user's input, but still no traceback
+            err_console.print(f"[bold red]error:[/] cannot read or write a file: {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -109,6 +112,7 @@ def merge(
     specs = parse_experts(expert)
     methods.get(method)  # unknown method: fail before loading anything
     io.check_output_path(out, [pretrained, *specs.values()])
+    io.check_replaceable(out)  # before loading anything
     t0 = time.perf_counter()
     pre_sd = io.load_state_dict(pretrained)
     expert_sds = {name: io.load_state_dict(path) for name, path in specs.items()}
@@ -145,7 +149,10 @@ def bench(
     from .benchmarks.run import default_run_dir, run_benchmark
     from .report import rich_table
 
-    spec = user_benchmark(parse_experts(task, what="--task"), base=get_benchmark(benchmark)) if task else get_benchmark(benchmark)
+    tasks = parse_experts(task, what="--task") if task else {}
+    if out is not None and out.exists() and not out.is_dir():  # e.g. --out naming a --task file
+        raise InputError(f"--out {out}: exists and is not a folder; give a folder for the results")
+    spec = user_benchmark(tasks, base=get_benchmark(benchmark)) if task else get_benchmark(benchmark)
     out_dir = out or default_run_dir(spec.name)
     results = run_benchmark(spec, out_dir=out_dir, cache_dir=cache, rows=row, progress=not quiet,
                             console=Console(stderr=True, quiet=quiet))
@@ -192,12 +199,27 @@ def analyze(
     cfg = RouterConfig(**{**RouterConfig().to_dict(), **changes})
     if kind not in KINDS:
         raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
-    ctx = load_context(get_benchmark(benchmark), cache_dir=cache, progress=not quiet,
-                       console=Console(stderr=True, quiet=quiet))
+    spec = get_benchmark(benchmark)
+    _check_probe_layers(spec, [cfg.layer, *(layers or [])])
+    if ranks and any(r < 1 for r in ranks):
+        raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
+    ctx = load_context(spec, cache_dir=cache, progress=not quiet, console=Console(stderr=True, quiet=quiet))
     files = run_analysis(kind, ctx, out, config=cfg, n_per_task=n_per_task, layers=layers,
                          ranks=tuple(ranks) if ranks else (4, 16, 64), progress=not quiet)
     for name, path in files.items():
         console.print(f"{name}: {path}", highlight=False)
+
+
+def _check_probe_layers(spec, layers: list[int]) -> None:
+    """Refuse probe layers beyond the backbone's depth before any expert is trained or loaded."""
+    import json
+
+    config = spec.model_dir() / "config.json"
+    depth = json.loads(config.read_text()).get("num_hidden_layers")
+    for layer in layers:
+        if isinstance(depth, int) and not 0 <= layer <= depth:
+            raise InputError(f"probe layer {layer} is beyond the depth of {spec.backbone} ({depth} layers; "
+                             f"0 = embeddings, {depth} = last layer)")
 
 
 from .adaptive.cli import adapt as _adapt  # noqa: E402  (test-time adaptive merging, issue 5)

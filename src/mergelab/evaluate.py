@@ -132,6 +132,13 @@ def evaluate_tasks(
     for task, split in splits.items():
         if task not in heads:
             raise InputError(f"no head for task {task!r}; heads exist for {sorted(heads)}")
+        n_out = heads[task].out_features
+        bad = [i for i, y in enumerate(split.labels) if not 0 <= y < n_out]
+        if bad:
+            i = bad[0]
+            raise InputError(f"task {task!r}: example {split.ids[i]!r} has label {split.labels[i]}, outside the "
+                             f"head's classes 0..{n_out - 1} ({len(bad)} such example(s)); was the head trained "
+                             f"on this task's label set?")
         params = body(task) if callable(body) else body
         desc = f"{label} {task}".strip()
         if cache is None:

@@ -14,9 +14,15 @@ one stood. Writing over (or inside) any input is refused.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -167,14 +173,114 @@ def _contiguous_unshared(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _tmp_tag() -> str:
+    """``<host>-<pid>``: whose temporary directory this is (see :func:`_remove_dead_tmp`)."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def _remove_dead_tmp(out: Path) -> None:
+    """Remove temporary directories beside ``out`` left by killed writers on this host.
+
+    Only ``.<name>.tmp-<host>-<pid>-*`` of this host whose process is gone; never the ``.old-*``
+    copy (between the two renames of a replacement it may be the only copy of the previous output).
+    """
+    host = _tmp_tag().rsplit("-", 1)[0]
+    prefix = f".{out.name}.tmp-{host}-"
+    for p in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush the files under ``root`` to disk, so that a rename never publishes unwritten data."""
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+# what a saved model folder holds: anything else in an existing output means it is not one of ours
+_MODEL_DIR_FILES = {*WEIGHT_FILES, *INDEX_FILES, *SIDECAR_FILES, "head.safetensors", "mergelab.json"}
+_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is absent, empty, or a model folder (as :func:`save_model` writes).
+
+    Replacing a folder deletes what it held: ``--out ~/Documents`` must not.
+    """
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise InputError(f"output path {out} exists and is not a folder; refusing to replace it")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not (p.is_file() and (p.name in _MODEL_DIR_FILES or _SHARD.fullmatch(p.name))))
+    if foreign:
+        raise InputError(
+            f"output path {out} holds {_listing(foreign)}, which a saved model folder does not; refusing to "
+            "replace it. Choose a new or empty folder, or a previous merge output."
+        )
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def atomic_write_dir(out: Path, fill) -> Path:
-    """Create a directory at ``out`` by ``fill(tmp_dir)`` in a sibling temporary directory + rename."""
+    """Create a directory at ``out`` by ``fill(tmp_dir)`` in a sibling temporary directory + rename.
+
+    An existing ``out`` is swapped with the new directory in one atomic step where the system allows
+    it (Linux). A writer killed mid-way leaves ``out`` as it was and its temporary directory beside it;
+    the next write to ``out`` on this host removes such leftovers of dead processes.
+    """
     out = Path(out)
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_dead_tmp(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_tmp_tag()}-", dir=out.parent))
     try:
         fill(tmp)
-        if out.exists():
+        _fsync_tree(tmp)
+        if out.is_dir() and not out.is_symlink() and _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous output
+        elif out.exists():
+            # no atomic exchange (not Linux, or a file system without it): two renames; a kill between
+            # them leaves the previous output at .<name>.old-<pid>
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
             os.replace(tmp, out)

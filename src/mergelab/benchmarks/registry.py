@@ -167,7 +167,9 @@ def user_benchmark(tasks: dict[str, str], *, name: str = "custom", base: Benchma
     base = base or TEXT5
     specs = []
     for task, path in tasks.items():
-        n = len(load_user_task(path, name=task))
+        loaded = load_user_task(path, name=task)
+        loaded.validate()  # an empty task or a single class: refused before any model is loaded
+        n = len(loaded)
         if n < 10:
             raise InputError(f"task {task!r} ({path}): {n} examples; a benchmark task needs at least 10")
         n_test, n_val = max(1, n // 5), max(1, n // 10)

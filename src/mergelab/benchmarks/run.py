@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..errors import InputError
 from ..evaluate import FeatureCache, MethodResult, Timer, evaluate_tasks, mean, normalized_average, search
 from ..methods import plan as make_plan
 from ..statedict import combine
@@ -98,6 +99,10 @@ def load_context(spec: BenchmarkSpec, *, cache_dir=None, progress: bool = True, 
         console.print(f"  {t}: train {len(s['train'])}, validation {len(s['validation'])}, test {len(s['test'])}, "
                       f"{s['train'].n_classes} classes", highlight=False)
     family = spec.family()
+    for task_spec in spec.tasks:  # users' files: refuse texts the tokenizer reduces to nothing, before training
+        if task_spec.path is not None:
+            for split in splits[task_spec.name].values():
+                family.check_texts(split.texts, f"task {task_spec.name!r} ({task_spec.path})", split.ids)
     experts = {}
     for t in splits:
         experts[t] = get_or_train_expert(family, splits[t], spec.recipe, cache_dir=cache_dir, progress=progress)
@@ -123,6 +128,14 @@ def run_benchmark(
     from rich.console import Console
 
     console = console or Console(stderr=True)
+    if rows is not None:  # an unknown row would be skipped silently: refuse it before any work
+        from ..adaptive import ADAPTIVE_ROWS
+
+        known = ["individual", "pretrained", *(r.row for r in default_static_rows(spec.lambdas)), *SE_ROWS,
+                 *ADAPTIVE_ROWS, "se_merging_task_arithmetic_fast+symerge_heads"]
+        unknown = [r for r in rows if r not in known]
+        if unknown:
+            raise InputError(f"unknown row(s) {unknown}; rows: {', '.join(known)}")
     t_start = time.perf_counter()
     ctx = load_context(spec, cache_dir=cache_dir, progress=progress, console=console)
     splits, family, pre, experts, heads, bodies = ctx.splits, ctx.family, ctx.pretrained, ctx.experts, ctx.heads, ctx.bodies

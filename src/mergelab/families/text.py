@@ -91,6 +91,17 @@ class TextClassifierFamily:
         )
         return {k: v.to(self.device) for k, v in enc.items()}
 
+    def check_texts(self, texts: Sequence[str], owner: str, ids: Sequence[str] | None = None) -> None:
+        """Refuse texts the tokenizer reduces to nothing (only special tokens): e.g. control or zero-width
+        characters. The model would see an empty input and every such text would get the same prediction."""
+        enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+        empty = [i for i, ids_i in enumerate(enc) if len(ids_i) == 0]
+        if empty:
+            i = empty[0]
+            which = f"example {ids[i]!r}" if ids is not None else f"text {i}"
+            raise InputError(f"{owner}: {which} ({texts[i]!r}) tokenizes to nothing with the tokenizer of "
+                             f"{self.model_dir}; {len(empty)} such text(s). Remove or fix them.")
+
     def _run(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None, hidden: bool):
         kwargs = dict(batch)
         if hidden:
@@ -283,6 +294,9 @@ def accuracy(
         raise InputError(f"{len(texts)} texts but {len(labels)} labels")
     if len(texts) == 0:
         raise InputError("accuracy of an empty set of texts")
-    pred = predict(family, texts, head, params, batch_size, progress, desc)
     y = torch.as_tensor(labels, dtype=torch.long)
+    if int(y.min()) < 0 or int(y.max()) >= head.out_features:
+        bad = int(y.max()) if int(y.max()) >= head.out_features else int(y.min())
+        raise InputError(f"{desc or 'accuracy'}: label {bad} is outside the head's classes 0..{head.out_features - 1}")
+    pred = predict(family, texts, head, params, batch_size, progress, desc)
     return float((pred == y).float().mean())

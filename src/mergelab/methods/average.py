@@ -28,6 +28,8 @@ def average(vectors, weights: Mapping[str, float] | Sequence[float] | None = Non
         if set(weights) != set(tasks):
             raise InputError(f"parameter 'weights' must name exactly the tasks {tasks}, got {sorted(weights)}")
         w = {t: check_number(f"weights[{t}]", weights[t], low=0.0) for t in tasks}
+    elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise InputError(f"parameter 'weights' must be a mapping task -> weight or a list of weights, got {weights!r}")
     else:
         weights = list(weights)
         if len(weights) != len(tasks):

@@ -46,7 +46,7 @@ def trim(vectors: Vectors, density: float, scope: str = "global") -> dict[str, T
     ``scope="global"`` ranks the entries of the whole flattened task vector (the paper); ``"tensor"``
     ranks within each tensor separately (as mergekit does). Entries tied with the threshold are kept.
     """
-    if not 0.0 < density <= 1.0:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
         raise InputError(f"parameter 'density' must be in (0, 1], got {density!r}")
     if scope not in ("global", "tensor"):
         raise InputError(f"parameter 'scope' must be 'global' or 'tensor', got {scope!r}")
