@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..families.base import input_length
 from ..methods.transforms import elect_sign, trim
 from ..statedict import StateDict, TaskVector
 from .coefficients import MergedParams
@@ -138,7 +139,7 @@ def _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, s
     frozen = copy_heads(dict(heads), trainable=False)
     caches = {t: TokenCache(family, texts[t]) for t in tasks}
     gen = torch.Generator().manual_seed(seed)
-    cyclers = {t: Cycler(len(texts[t]), batch_size, gen, [len(x) for x in texts[t]]) for t in tasks}
+    cyclers = {t: Cycler(len(texts[t]), batch_size, gen, [input_length(x) for x in texts[t]]) for t in tasks}
     setup = time.perf_counter() - t0
 
     opt = torch.optim.Adam([merged.coefficients.raw], lr=lr)

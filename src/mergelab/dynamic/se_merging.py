@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..functional import StackedVectors, per_sample_mixing, per_sample_reference, run_with
+from ..functional import StackedVectors, per_sample_mixing, per_sample_reference
 from ..methods.registry import MergePlan
 from ..statedict import StateDict
 from . import router as R
@@ -53,7 +53,7 @@ class Routing:
 
 
 class SEMerging:
-    """A dynamic merged body for a text family.
+    """A dynamic merged body for any family (:mod:`mergelab.families`).
 
     ``plan`` holds the base method's per-task vectors and static coefficients; ``experts`` maps each
     task to its expert's full body state dict (same tasks as the plan).
@@ -118,10 +118,10 @@ class SEMerging:
         protos = []
         for t in self.tasks:
             texts = list(texts_by_task[t])
-            acc = torch.zeros(self.family.hidden_size, device=self.family.device)
+            acc = torch.zeros((), device=self.family.device)
             for start in range(0, len(texts), batch_size):
                 batch = self.family.tokenize(texts[start : start + batch_size])
-                acc += self.family.probe(batch, self.static, [layer])[layer].sum(0)
+                acc = acc + self.family.probe(batch, self.static, [layer])[layer].sum(0)
             protos.append(acc / len(texts))
         self.prototypes = torch.stack(protos)
         self._prototype_layer = layer
@@ -158,10 +158,8 @@ class SEMerging:
 
     def mixed_features(self, batch: Mapping[str, Tensor], coeffs: Tensor) -> Tensor:
         """Features under equation (2) for given coefficients ``[B, T]`` (the exact batched path)."""
-        body = self.family.body
-        with per_sample_mixing(body, self.pretrained, self.stacked, coeffs):
-            out = run_with(body, self.pretrained, **batch)
-        return self.family.pool(out.last_hidden_state, batch["attention_mask"])
+        with per_sample_mixing(self.family.body, self.pretrained, self.stacked, coeffs):
+            return self.family.features(batch, self.pretrained)
 
     def group_coefficients(self) -> Tensor:
         """``[T, T]``: row t is the coefficient vector of every sample the fast path routes to task t.
@@ -188,26 +186,21 @@ class SEMerging:
         w = R.routing_weights(s, self.config.temperature)
         chosen = w.argmax(-1)
         q = self.group_coefficients()
-        feats = torch.empty(merged.shape[0], self.family.hidden_size, device=merged.device)
+        feats = torch.empty(merged.shape[0], self.family.feature_size, device=merged.device)
         for t in chosen.unique().tolist():
             idx = (chosen == t).nonzero().squeeze(1)
-            sub = {k: v[idx] for k, v in batch.items()}
-            # trim the padding the group does not need
-            if getattr(self.family.tokenizer, "padding_side", "right") == "right":
-                keep = int(sub["attention_mask"].sum(1).max())
-                sub = {k: v[:, :keep] for k, v in sub.items()}
+            sub = self.family.subset(batch, idx)  # the group's rows, without padding they do not need
             feats[idx] = self.family.features(sub, self._group_params(t)).to(feats.dtype)
         return feats, Routing(s, w, q[chosen])
 
     def _single_pass(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Routing]:
         protos = self._need_prototypes()
         cfg, family, body = self.config, self.family, self.family.body
-        mask = batch["attention_mask"]
         state: dict[str, object] = {}
 
         def set_route(hidden: Tensor) -> None:
             s, w, c = R.coefficients(self.with_config(normalisation="prototype"), self.base,
-                                     merged=family.pool(hidden, mask), prototypes=protos)
+                                     merged=family.pool_hidden(hidden, batch).float(), prototypes=protos)
             state["routing"] = Routing(s, w, c)
 
         def coeffs() -> Tensor:
@@ -215,17 +208,11 @@ class SEMerging:
                 raise RuntimeError("a per-sample layer ran before the probe layer routed the batch")
             return state["routing"].coefficients  # type: ignore[union-attr]
 
-        blocks = family.layer_modules()
-        if cfg.layer == 0:
-            handle = blocks[0].register_forward_pre_hook(
-                lambda m, args, kwargs: set_route(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-        else:
-            handle = blocks[cfg.layer - 1].register_forward_hook(
-                lambda m, a, o: set_route(o[0] if isinstance(o, (tuple, list)) else o))
+        handle = family.route_hook(cfg.layer, set_route)
         try:
             with per_sample_mixing(body, self.pretrained, self.stacked, coeffs, keys=self._upper_keys):
-                out = run_with(body, self.static, **batch)
+                feats = family.features(batch, self.static)
         finally:
             handle.remove()
-        return family.pool(out.last_hidden_state, mask), state["routing"]  # type: ignore[return-value]
+        return feats, state["routing"]  # type: ignore[return-value]
 
