@@ -118,6 +118,9 @@ class CLIPVisionFamily(Family):
     def load_expert(self, spec: str, where: str = "expert") -> tuple[dict[str, Tensor], None]:
         """An expert's body state dict (a fine-tuned vision tower); its head is the task's zero-shot head."""
         state = io.load_state_dict(spec)
+        if not any(k.startswith("vision_model.") for k in state):
+            # a CLIPVisionModel saved by transformers 5 has no 'vision_model.' prefix (version 4 wrote one)
+            state = {k if k.startswith("visual_projection.") else f"vision_model.{k}": v for k, v in state.items()}
         return self.body_state_from(state, f"{where}: {spec}"), None
 
     @torch.no_grad()

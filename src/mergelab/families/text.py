@@ -170,10 +170,12 @@ def embed(
     desc: str | None = None,
 ) -> Tensor:
     """Pooled features of ``texts`` (``[N, hidden]``, in input order) under body parameters ``params``."""
-    out = torch.empty(len(texts), family.feature_size, device=family.device)
+    out: Tensor | None = None
     bar = _progress(len(texts), desc, progress)
     for idx in iter_batches(texts, batch_size):
         feats = family.features(family.tokenize([texts[i] for i in idx]), params)
+        if out is None:
+            out = torch.empty(len(texts), feats.shape[1], device=family.device)
         out[torch.tensor(idx, device=family.device)] = feats.to(out.dtype)
         if bar is not None:
             bar.update(len(idx))
