@@ -393,3 +393,78 @@ def test_yaml_round_trip_is_what_the_user_writes(text_pool) -> None:
     assert raw["family"] == "sequence-classification" and json.dumps(raw)
     assert pool.config.tasks["nli"].text_pair_field == "hypothesis"
     assert isinstance(pool.data["nli"].inputs[0], tuple)
+
+
+# ---------------------------------------------------------------------------------------------- plain torch
+class TinyNet(torch.nn.Module):
+    """A residual MLP: ``inp``, a list of ``blocks``, a LayerNorm and the head ``fc``."""
+
+    def __init__(self, d_in: int = 6, width: int = 8, n_blocks: int = 2, n_classes: int = 3) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(d_in, width)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh()) for _ in range(n_blocks))
+        self.norm = torch.nn.LayerNorm(width)
+        self.fc = torch.nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.fc(self.norm(h))
+
+
+def tiny_net(**kwargs) -> TinyNet:
+    return TinyNet(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def torch_pool(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("pool-torch")
+    torch.manual_seed(0)
+    pre = TinyNet()
+    save_file({k: v.contiguous() for k, v in pre.state_dict().items()}, str(root / "pre.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    experts = {}
+    for i, task in enumerate(("a", "b", "c")):
+        net = TinyNet()
+        net.load_state_dict(pre.state_dict())
+        _perturb(net, seed=30 + i, scale=0.2)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / f"{task}.safetensors"))
+        torch.save({"inputs": torch.randn(10, 6, generator=g), "labels": torch.randint(0, 3, (10,), generator=g)},
+                   root / f"{task}.pt")
+        experts[task] = net.eval()
+    path = _write_yaml(root / "pool.yaml", {
+        "family": "torch", "factory": "tests.test_families:tiny_net", "head": "fc", "layers": "blocks",
+        "pretrained": "pre.safetensors", "device": "cpu",
+        "experts": {t: f"{t}.safetensors" for t in experts}, "tasks": {t: {"path": f"{t}.pt"} for t in experts}})
+    return experts, load_pool_file(path)
+
+
+def test_torch_family_through_pool(torch_pool) -> None:
+    nets, pool = torch_pool
+    assert set(pool.pretrained) == {k for k in TinyNet().state_dict() if not k.startswith("fc.")}
+    x = torch.stack(pool.inputs("a"))
+    batch = pool.family.tokenize(pool.inputs("a"))
+    for t, net in nets.items():  # expert body + expert head == the expert module
+        with torch.no_grad():
+            assert _rel(pool.family.logits(batch, pool.heads[t], pool.experts[t]), net(x)) < 1e-6
+    plan = make_plan("task_arithmetic", pool.pretrained, pool.experts, scaling=0.3)
+    merged = plan.apply(pool.pretrained)
+    for k, v0 in pool.pretrained.items():
+        assert torch.allclose(merged[k], v0 + 0.3 * sum(pool.experts[t][k] - v0 for t in pool.tasks), atol=1e-6)
+    se = SEMerging(pool.family, pool.pretrained, plan, pool.experts, RouterConfig(layer=1, normalisation="relative"))
+    exact, routing = se.features(batch, "exact")
+    ref, _ = se.features(batch, "reference", routing=routing)
+    assert _rel(exact, ref) < 1e-5
+    _check_symerge(pool, batch_size=16)
+
+
+def test_torch_family_errors(tmp_path, torch_pool) -> None:
+    _, pool = torch_pool
+    with pytest.raises(InputError, match="no callable 'nope'"):
+        load_pool(pool.config.model_copy(update={"factory": "tests.test_families:nope"}))
+    with pytest.raises(InputError, match="head 'head': no such module"):
+        load_pool(pool.config.model_copy(update={"head": "head"}))
