@@ -468,3 +468,41 @@ def test_torch_family_errors(tmp_path, torch_pool) -> None:
         load_pool(pool.config.model_copy(update={"factory": "tests.test_families:nope"}))
     with pytest.raises(InputError, match="head 'head': no such module"):
         load_pool(pool.config.model_copy(update={"head": "head"}))
+
+
+def test_run_pool_script_on_tiny_pool(torch_pool, tmp_path) -> None:
+    """benchmarks/run_pool.py on the tiny torch pool: the Task Arithmetic row equals evaluate_tasks on the
+    merge written out, the experts row is 1.0 normalised, and an offline hub id exits 2."""
+    import importlib.util
+
+    from mergelab.evaluate import evaluate_tasks
+
+    spec = importlib.util.spec_from_file_location("run_pool", Path(__file__).parents[1] / "benchmarks" / "run_pool.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    _, pool = torch_pool
+    cfg_path = tmp_path / "pool.yaml"
+    raw = pool.config.model_dump(exclude_defaults=True)
+    cfg_path.write_text(yaml.safe_dump({"pool": raw}, sort_keys=False))
+    out = tmp_path / "res.json"
+    assert mod.main([str(cfg_path), "--methods", "experts,task_arithmetic,se_merging", "--calibration", "2",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["methods"]
+    merged = {k: v + 0.3 * sum(pool.experts[t][k] - v for t in pool.tasks) for k, v in pool.pretrained.items()}
+    splits = {t: type(d)(d.name, d.inputs[2:], d.labels[2:], d.label_names) for t, d in pool.data.items()}
+    assert res["task_arithmetic"]["per_task"] == pytest.approx(evaluate_tasks(pool.family, merged, pool.heads, splits))
+    assert res["experts"]["normalized_average"] == pytest.approx(1.0)
+    offline = tmp_path / "hub.yaml"
+    offline.write_text(yaml.safe_dump({"pool": {"family": "sequence-classification", "pretrained": "gpt2",
+                                                "experts": {"cola": "tanganke/gpt2_cola"}}}))
+    import os
+
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        assert mod.main([str(offline)]) == 2
+    finally:
+        if old is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old

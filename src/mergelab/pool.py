@@ -248,8 +248,8 @@ def load_pool(pool: PoolConfig, *, data: bool = True) -> ModelPool:
         for name in pool.experts:
             cfg = pool.tasks.get(name)
             names = cfg.class_names if cfg is not None and cfg.class_names else None
-            if names is None and name in task_data:
-                names = task_data[name].label_names
+            if names is None and name in task_data:  # dataset label names, 'annual_crop' read as 'annual crop'
+                names = [n.replace("_", " ") for n in task_data[name].label_names]
             if names is None:
                 raise InputError(f"pool.tasks.{name}: the zero-shot head needs class_names (or task data with "
                                  "label names)")
