@@ -83,6 +83,15 @@ def _seqcls_pool(root: Path, arch: str) -> Path:
 
         def build(n):
             return BertForSequenceClassification(tiny_bert_config(num_labels=n))
+    elif arch == "roberta":
+        from transformers import RobertaConfig, RobertaForSequenceClassification
+
+        tok = _gpt2_tokenizer()
+
+        def build(n):
+            return RobertaForSequenceClassification(RobertaConfig(
+                vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=72, num_labels=n, pad_token_id=0))
     else:
         tok = _gpt2_tokenizer()
 
@@ -113,7 +122,7 @@ def _seqcls_pool(root: Path, arch: str) -> Path:
     return _write_yaml(root / "pool.yaml", pool)
 
 
-@pytest.fixture(scope="module", params=["bert", "gpt2"])
+@pytest.fixture(scope="module", params=["bert", "gpt2", "roberta"])
 def text_pool(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"pool-{request.param}")
     path = _seqcls_pool(root, request.param)
@@ -184,7 +193,7 @@ def test_seqcls_experts_give_their_own_logits(text_pool) -> None:
     from transformers import AutoModelForSequenceClassification
 
     arch, path, pool = text_pool
-    assert pool.family.kind == ("pooler" if arch == "bert" else "last")
+    assert pool.family.kind == {"bert": "pooler", "gpt2": "last", "roberta": "first"}[arch]
     for task, spec in pool.config.experts.items():
         ref_model = AutoModelForSequenceClassification.from_pretrained(str(path.parent / spec)).eval()
         inputs = pool.data[task].inputs
@@ -338,6 +347,21 @@ def test_clip_pool_static_se_merging_and_symerge(clip_pool) -> None:
     assert _rel(exact, ref) < 1e-5
     assert not torch.allclose(routing.coefficients[0], routing.coefficients[1:].mean(0))  # per-sample indeed
     _check_symerge(pool, batch_size=16)
+    # AdaMerging's first loss by hand: sum_t mean_x H(softmax(h_t(z(x; theta_0 + 0.3 sum tau)))), each task's
+    # batch holding all its inputs (fewer than the batch size), H(p) = -sum_c p_c log p_c
+    from mergelab.adaptive import adamerging
+
+    inputs = {t: pool.inputs(t) for t in pool.tasks}
+    res = adamerging(pool.family, pool.pretrained, plan.vectors, pool.heads, inputs, steps=3, batch_size=16,
+                     lr=0.05, progress=False)
+    expect = 0.0
+    for t in pool.tasks:
+        with torch.no_grad():
+            logp = torch.log_softmax(pool.heads[t](pool.family.features(pool.family.tokenize(inputs[t]), merged)), -1)
+        expect += float(-(logp.exp() * logp).sum(-1).mean())
+    assert res.losses[0] == pytest.approx(expect, rel=1e-4)
+    c = res.coefficients.values().detach()
+    assert float(c.min()) >= 0.0 and float(c.max()) <= 1.0 and not torch.allclose(c, torch.full_like(c, 0.3))
 
 
 # ---------------------------------------------------------------------------------------------- errors, config
@@ -381,6 +405,12 @@ def test_half_precision_inference_only(text_pool) -> None:
         full = pool.family.logits(batch, pool.heads["topic"], pool.experts["topic"])
         low = half.family.logits(batch, half.heads["topic"], half.experts["topic"])
     assert _rel(low, full) < 0.05
+    # SE-Merging's per-sample layers compute from the float32 theta_0 and task vectors
+    plan = make_plan("task_arithmetic", pool.pretrained, pool.experts, scaling=0.3)
+    cfg_r = RouterConfig(layer=1, normalisation="relative")
+    f32, routing = SEMerging(pool.family, pool.pretrained, plan, pool.experts, cfg_r).features(batch, "exact")
+    f16, _ = SEMerging(half.family, half.pretrained, plan, half.experts, cfg_r).features(batch, "exact", routing=routing)
+    assert _rel(f16, f32) < 0.05
     vectors = make_plan("task_arithmetic", half.pretrained, half.experts, scaling=0.3).vectors
     with pytest.raises(InputError, match="inference only"):
         symerge(half.family, half.pretrained, vectors, half.heads, {t: TEXTS for t in half.tasks},
