@@ -536,3 +536,66 @@ def test_run_pool_script_on_tiny_pool(torch_pool, tmp_path) -> None:
             del os.environ["HF_HUB_OFFLINE"]
         else:
             os.environ["HF_HUB_OFFLINE"] = old
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def test_per_sample_conv2d_matches_per_sample_conv() -> None:
+    """y_b = conv2d(x_b, W_0 + sum_t C[b,t] dW_t, b_0 + sum_t C[b,t] db_t) for each sample, with stride,
+    padding and bias (the grouped convolution against one convolution per sample)."""
+    import torch.nn.functional as F
+
+    from mergelab.functional import StackedVectors, per_sample_mixing, run_with
+
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1))
+    pre = {k: v.detach().clone() for k, v in conv.state_dict().items()}
+    vecs = {t: {k: torch.randn(v.shape, generator=g) for k, v in pre.items()} for t in ("a", "b")}
+    stacked = StackedVectors.from_vectors(vecs)
+    x = torch.randn(5, 3, 9, 9, generator=g)
+    c = torch.rand(5, 2, generator=g)
+    with torch.no_grad(), per_sample_mixing(conv, pre, stacked, c):
+        got = run_with(conv, pre, x)
+    for b in range(5):
+        w = pre["0.weight"] + c[b, 0] * vecs["a"]["0.weight"] + c[b, 1] * vecs["b"]["0.weight"]
+        bias = pre["0.bias"] + c[b, 0] * vecs["a"]["0.bias"] + c[b, 1] * vecs["b"]["0.bias"]
+        assert _rel(got[b:b + 1], F.conv2d(x[b:b + 1], w, bias, stride=2, padding=1)) < 1e-5
+
+
+def test_task_data_files(tmp_path) -> None:
+    from mergelab.data.records import load_task_data
+    from mergelab.pool import TaskDataConfig
+
+    _write_csv(tmp_path / "t.csv", [("good film", "pos"), ("bad film", "neg"), ("great", "pos")], ("text", "label"))
+    d = load_task_data("t", TaskDataConfig(path=str(tmp_path / "t.csv")), "text")
+    assert d.label_names == ["neg", "pos"] and d.labels == [1, 0, 1] and d.inputs[0] == "good film"
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"q": f"q{i}", "s": f"s{i}", "y": i % 2}) for i in range(4)))
+    cfg = TaskDataConfig(path=str(tmp_path / "p.jsonl"), text_field="q", text_pair_field="s", label_field="y", limit=3)
+    d = load_task_data("p", cfg, "text")
+    assert d.inputs == [("q0", "s0"), ("q1", "s1"), ("q2", "s2")] and d.labels == [0, 1, 0]
+    with pytest.raises(InputError, match="pool.tasks.p: row 0 has no field 'text'"):
+        load_task_data("p", TaskDataConfig(path=str(tmp_path / "p.jsonl")), "text")
+    with pytest.raises(InputError, match="no such file"):
+        load_task_data("p", TaskDataConfig(path=str(tmp_path / "missing.csv")), "text")
+
+
+def test_text_family_pool_with_cached_heads(tmp_path) -> None:
+    """Family 'text': encoder bodies; a head.safetensors next to an expert's weights is its head."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_models import save_tiny_bert
+
+    base = save_tiny_bert(tmp_path / "base")
+    e1 = save_tiny_bert(tmp_path / "e1", seed=1, perturb=0.05, base=base)
+    e2 = save_tiny_bert(tmp_path / "e2", seed=2, perturb=0.05, base=base)
+    w, b = torch.randn(3, 32), torch.randn(3)
+    save_file({"weight": w, "bias": b}, str(e1 / "head.safetensors"))
+    path = _write_yaml(tmp_path / "pool.yaml", {"family": "text", "pretrained": "base", "device": "cpu",
+                                                "experts": {"one": "e1", "two": "e2"}})
+    pool = load_pool_file(path)
+    from mergelab.io import load_state_dict
+
+    assert all(torch.equal(pool.experts["two"][k], v) for k, v in load_state_dict(str(e2)).items())
+    assert set(pool.heads) == {"one"} and torch.equal(pool.heads["one"].weight, w)
+    batch = pool.family.tokenize(TEXTS[:2])
+    feats = pool.family.features(batch, pool.experts["one"])
+    assert torch.allclose(pool.family.logits(batch, pool.heads["one"], pool.experts["one"]), feats @ w.T + b, atol=1e-5)
