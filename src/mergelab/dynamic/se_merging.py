@@ -186,11 +186,14 @@ class SEMerging:
         w = R.routing_weights(s, self.config.temperature)
         chosen = w.argmax(-1)
         q = self.group_coefficients()
-        feats = torch.empty(merged.shape[0], self.family.feature_size, device=merged.device)
+        feats: Tensor | None = None
         for t in chosen.unique().tolist():
             idx = (chosen == t).nonzero().squeeze(1)
             sub = self.family.subset(batch, idx)  # the group's rows, without padding they do not need
-            feats[idx] = self.family.features(sub, self._group_params(t)).to(feats.dtype)
+            got = self.family.features(sub, self._group_params(t))
+            if feats is None:
+                feats = torch.empty(merged.shape[0], got.shape[1], device=got.device, dtype=got.dtype)
+            feats[idx] = got.to(feats.dtype)
         return feats, Routing(s, w, q[chosen])
 
     def _single_pass(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Routing]:

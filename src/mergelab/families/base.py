@@ -246,7 +246,7 @@ class Family:
                 if tuple(got.shape) != tuple(v.shape):
                     raise InputError(f"{where}: tensor {k!r} has shape {tuple(got.shape)}, the pretrained body "
                                      f"has {tuple(v.shape)}: not a fine-tuned copy of the same model")
-                out[k] = got.to(v.dtype)
+                out[k] = got.to(device=v.device, dtype=v.dtype)  # on the family's device, as theta_0
             else:
                 missing.append(k)
                 out[k] = v
