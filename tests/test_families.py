@@ -599,3 +599,29 @@ def test_text_family_pool_with_cached_heads(tmp_path) -> None:
     batch = pool.family.tokenize(TEXTS[:2])
     feats = pool.family.features(batch, pool.experts["one"])
     assert torch.allclose(pool.family.logits(batch, pool.heads["one"], pool.experts["one"]), feats @ w.T + b, atol=1e-5)
+
+
+def test_lazy_column_reads_items_on_demand() -> None:
+    """Image columns of a datasets.Dataset are read per item; slices stay lazy; batching does not read
+    every item to sort it (a fake dataset counts the reads)."""
+    from mergelab.data.records import LazyColumn
+    from mergelab.families.text import iter_batches
+
+    class Fake:
+        reads = 0
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            Fake.reads += 1
+            return {"image": f"img{i}", "label": i % 2}
+
+    col = LazyColumn(Fake(), "image", range(8))
+    assert len(col) == 8 and Fake.reads == 0
+    part = col[2:6]
+    assert isinstance(part, LazyColumn) and len(part) == 4 and Fake.reads == 0
+    assert part[1] == "img3" and list(part) == ["img2", "img3", "img4", "img5"]
+    before = Fake.reads
+    assert [b for b in iter_batches(col, 3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert Fake.reads == before

@@ -58,8 +58,12 @@ class TokenCache:
 
     def __init__(self, family, texts: Sequence[str]) -> None:
         self.n = len(texts)
-        # the family encodes (texts: tokenized and padded to max_length with their lengths; images: pixels)
-        self.tensors, lengths = family.encode_all(list(texts))
+        self.family = family
+        # the family encodes (texts: tokenized and padded to max_length, with their lengths); None: the
+        # family encodes each batch when it is drawn (images: all pixels at once would not fit a GPU)
+        encoded = family.encode_all(list(texts))
+        self.inputs = list(texts) if encoded is None else None
+        self.tensors, lengths = (None, None) if encoded is None else encoded
         self.padded = lengths is not None
         self.lengths = lengths if lengths is not None else torch.ones(self.n, dtype=torch.long, device=family.device)
 
@@ -68,6 +72,8 @@ class TokenCache:
 
     def batch(self, idx: Tensor | Sequence[int]) -> dict[str, Tensor]:
         idx_t = torch.as_tensor(idx, dtype=torch.long, device=self.lengths.device)
+        if self.tensors is None:
+            return self.family.tokenize([self.inputs[i] for i in idx_t.tolist()])
         if not self.padded:
             return {k: v[idx_t] for k, v in self.tensors.items()}
         width = int(self.lengths[idx_t].max())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,25 @@ from mergelab.data.user import _labels_to_ints
 from mergelab.errors import HubUnavailableError, InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class LazyColumn(Sequence):
+    """One column of a ``datasets.Dataset``, read (and images decoded) only when an item is asked for:
+    a vision test set held as decoded images would take tens of GB of memory."""
+
+    unsorted = True  # batching must not read every item to sort by length
+
+    def __init__(self, dataset: Any, column: str, rows: range | None = None) -> None:
+        self.dataset, self.column = dataset, column
+        self.rows = rows if rows is not None else range(len(dataset))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return LazyColumn(self.dataset, self.column, self.rows[i])
+        return self.dataset[self.rows[i]][self.column]
 
 
 @dataclass
@@ -169,7 +189,14 @@ def load_task_data(name: str, cfg, kind: str, where: str | None = None) -> TaskD
             source = f"dataset {cfg.path}" + (f" ({cfg.subset})" if cfg.subset else "")
         n = len(rows) if cfg.limit is None else min(len(rows), cfg.limit)
         inputs, raw = [], []
-        for i in range(n):
+        lazy = kind == "image" and not isinstance(rows, list)
+        if lazy:  # images of a datasets.Dataset: decoded on demand; labels read from their column
+            if cfg.image_field not in rows.column_names:
+                raise InputError(f"{where}: {cfg.path}: no field {cfg.image_field!r} "
+                                 f"(columns: {', '.join(rows.column_names)})")
+            inputs = LazyColumn(rows, cfg.image_field, range(n))
+            raw = [(f"row {i}", v) for i, v in enumerate(list(rows.select(range(n))[cfg.label_field]))]
+        for i in range(0 if lazy else n):
             row = rows[i]
             if kind == "image":
                 inputs.append(_field(row, cfg.image_field, where, i))

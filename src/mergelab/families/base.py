@@ -105,9 +105,10 @@ class Family:
     def tokenize(self, inputs: Sequence[Any]) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def encode_all(self, inputs: Sequence[Any]) -> tuple[dict[str, Tensor], Tensor | None]:
+    def encode_all(self, inputs: Sequence[Any]) -> tuple[dict[str, Tensor], Tensor | None] | None:
         """Every input encoded once (for adaptation caches): tensors with the inputs along dim 0, and per-row
-        lengths when rows are padded along dim 1 (a batch is then cut to its longest row), else None."""
+        lengths when rows are padded along dim 1 (a batch is then cut to its longest row), else None.
+        Returning None instead asks the cache to encode each batch when it is drawn."""
         return self.tokenize(list(inputs)), None
 
     def subset(self, batch: Mapping[str, Tensor], idx: Tensor) -> dict[str, Tensor]:

@@ -155,7 +155,10 @@ def iter_batches(texts: Sequence[str], batch_size: int) -> Iterator[list[int]]:
     """Index batches over ``texts`` sorted by length (less padding); callers restore the order."""
     if batch_size < 1:
         raise InputError(f"batch_size must be positive, got {batch_size}")
-    order = sorted(range(len(texts)), key=lambda i: input_length(texts[i]))
+    if getattr(texts, "unsorted", False):  # lazily read inputs (images): reading all to sort would cost a pass
+        order = list(range(len(texts)))
+    else:
+        order = sorted(range(len(texts)), key=lambda i: input_length(texts[i]))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
 
