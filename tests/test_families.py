@@ -346,6 +346,24 @@ def test_clip_pool_static_se_merging_and_symerge(clip_pool) -> None:
     ref, _ = se.features(batch, "reference", routing=routing)
     assert _rel(exact, ref) < 1e-5
     assert not torch.allclose(routing.coefficients[0], routing.coefficients[1:].mean(0))  # per-sample indeed
+    # the prototype paths: prototypes = mean merged probe representation per task; prototype-exact is the
+    # exact forward under prototype routing, so it equals the reference under the same routing
+    se_p = SEMerging(pool.family, pool.pretrained, plan, pool.experts, RouterConfig(layer=2))
+    protos = se_p.calibrate({t: pool.inputs(t) for t in pool.tasks})
+    expect_p = pool.family.probe(pool.family.tokenize(pool.inputs("objects")), se_p.static, [2])[2].mean(0)
+    assert _rel(protos[1], expect_p) < 1e-5
+    pe, routing_p = se_p.features(batch, "prototype-exact")
+    assert _rel(pe, se_p.features(batch, "reference", routing=routing_p)[0]) < 1e-5
+    feats, _ = se_p.features(batch, "fast")
+    assert feats.shape == pe.shape and bool(torch.isfinite(feats).all())
+    # single pass: blocks up to the probe layer run the static merge, the blocks above run sample b's
+    # theta_b = theta_0 + sum_t C[b, t] tau_t with C routed at the probe layer (the route hook)
+    sp, routing_s = se_p.features(batch, "single-pass")
+    for b in range(len(sp)):
+        full = se_p.stacked.merged(se_p.pretrained, routing_s.coefficients[b])
+        theta = {k: full[k] if k in se_p._upper_keys else v for k, v in se_p.static.items()}
+        one = pool.family.features({k: v[b:b + 1] for k, v in batch.items()}, theta)
+        assert _rel(sp[b:b + 1], one) < 1e-5
     _check_symerge(pool, batch_size=16)
     # AdaMerging's first loss by hand: sum_t mean_x H(softmax(h_t(z(x; theta_0 + 0.3 sum tau)))), each task's
     # batch holding all its inputs (fewer than the batch size), H(p) = -sum_c p_c log p_c
