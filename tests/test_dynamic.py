@@ -101,10 +101,10 @@ def test_per_sample_mixing_on_gpt2_conv1d() -> None:
 
 
 def test_unsupported_module_is_refused() -> None:
-    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+    conv = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3))
     pre = {k: v.detach().clone() for k, v in conv.state_dict().items()}
     stacked = StackedVectors.from_vectors({"a": {k: torch.zeros_like(v) for k, v in pre.items()}})
-    with pytest.raises(InputError, match="Conv2d.*0.weight"), per_sample_mixing(conv, pre, stacked, torch.ones(1, 1)):
+    with pytest.raises(InputError, match="Conv3d.*0.weight"), per_sample_mixing(conv, pre, stacked, torch.ones(1, 1)):
         pass
 
 

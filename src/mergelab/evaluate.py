@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .data.tasks import TextTask
 from .errors import InputError
-from .families.text import TextClassifierFamily, accuracy, embed
+from .families.text import TextClassifierFamily, accuracy, embed, head_classes
 
 BodyParams = Mapping[str, Tensor] | None
 # a body for every task (one merged model), or a function task -> body (experts, dynamic methods)
@@ -132,8 +132,8 @@ def evaluate_tasks(
     for task, split in splits.items():
         if task not in heads:
             raise InputError(f"no head for task {task!r}; heads exist for {sorted(heads)}")
-        n_out = heads[task].out_features
-        bad = [i for i, y in enumerate(split.labels) if not 0 <= y < n_out]
+        n_out = head_classes(heads[task])
+        bad = [i for i, y in enumerate(split.labels) if not 0 <= y < n_out] if n_out is not None else []
         if bad:
             i = bad[0]
             raise InputError(f"task {task!r}: example {split.ids[i]!r} has label {split.labels[i]}, outside the "

@@ -20,6 +20,9 @@ per-sample forward while :func:`per_sample_mixing` is active:
   ``tau_t ~ U_t V_t`` (:func:`low_rank_factors`, truncated SVD) mix as
   ``y = W_0 x + sum_t C[b, t] U_t (V_t x)``: two thin products of ``T * r`` columns instead of a
   per-sample ``out x in`` matrix; exact when ``r`` is the full rank.
+- ``nn.Conv2d`` (CLIP's patch embedding): one grouped convolution over the batch, ``groups = B``, with
+  the per-sample kernels stacked along the output channels.
+- CLIP's vision embeddings: the class token ``c_0 + sum_t C[b, t] tau_t`` per sample.
 
 A module type with merged parameters that is not in that list is refused with an error naming it, so
 a result is never silently wrong. :func:`per_sample_reference` is the slow oracle: it materialises each
@@ -170,6 +173,44 @@ def _layernorm_forward(module: nn.LayerNorm, weight0: Tensor | None, bias0: Tens
     return forward
 
 
+def _conv2d_forward(module: nn.Conv2d, weight0: Tensor, bias0: Tensor | None, dw: Tensor | None,
+                    db: Tensor | None, coeffs: Tensor):
+    """Per-sample ``Conv2d`` as one grouped convolution: sample b's channels convolve with ``W_b`` only."""
+
+    def forward(x: Tensor) -> Tensor:
+        b = coeffs.shape[0]
+        _leading(x, b, "a convolution's input")
+        if module.padding_mode != "zeros":
+            raise InputError(f"per-sample Conv2d supports padding_mode 'zeros', not {module.padding_mode!r}")
+        w = weight0.unsqueeze(0) + (_mix(dw, coeffs).to(weight0.dtype) if dw is not None else 0)
+        w = w.expand(b, *weight0.shape).reshape(b * weight0.shape[0], *weight0.shape[1:])
+        bias = None
+        if bias0 is not None:
+            bias = bias0.unsqueeze(0) + (_mix(db, coeffs).to(bias0.dtype) if db is not None else 0)
+            bias = bias.expand(b, -1).reshape(-1)
+        y = F.conv2d(x.reshape(1, b * x.shape[1], *x.shape[2:]), w, bias, module.stride, module.padding,
+                     module.dilation, module.groups * b)
+        return y.reshape(b, weight0.shape[0], *y.shape[2:])
+
+    return forward
+
+
+def _clip_embeddings_forward(module: nn.Module, cls0: Tensor, dcls: Tensor | None, coeffs: Tensor):
+    """CLIP's vision embeddings with a per-sample class token (patches and positions: their own modules)."""
+
+    def forward(pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
+        b, _, height, width = pixel_values.shape
+        _leading(pixel_values, b, "CLIP's pixel values")
+        patch = module.patch_embedding(pixel_values.to(dtype=cls0.dtype)).flatten(2).transpose(1, 2)
+        cls = cls0.unsqueeze(0) + (_mix(dcls, coeffs).to(cls0.dtype) if dcls is not None else 0)
+        emb = torch.cat([cls.expand(b, -1).unsqueeze(1).to(patch.dtype), patch], dim=1)
+        if interpolate_pos_encoding:
+            return emb + module.interpolate_pos_encoding(emb, height, width)
+        return emb + module.position_embedding(module.position_ids)
+
+    return forward
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 Conv1D: weight [in, out], y = x @ W + b
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -227,11 +268,18 @@ def per_sample_mixing(
             elif isinstance(module, nn.LayerNorm):
                 def fwd(self, x, _w=p.get("weight"), _b=p.get("bias"), _dw=d.get("weight"), _db=d.get("bias")):
                     return _layernorm_forward(self, _w, _b, _dw, _db, get())(x)
+            elif isinstance(module, nn.Conv2d):
+                def fwd(self, x, _w=p["weight"], _b=p.get("bias"), _dw=d["weight"], _db=d.get("bias")):
+                    return _conv2d_forward(self, _w, _b, _dw, _db, get())(x)
+            elif type(module).__name__ == "CLIPVisionEmbeddings" and set(own) == {"class_embedding"}:
+                def fwd(self, pixel_values, interpolate_pos_encoding=False, _w=p["class_embedding"],
+                        _dw=d["class_embedding"]):
+                    return _clip_embeddings_forward(self, _w, _dw, get())(pixel_values, interpolate_pos_encoding)
             else:
                 names = ", ".join(sorted(full[n] for n in own if full[n] in mixed))
                 raise InputError(
                     f"per-sample merging does not support module type {type(module).__name__} "
-                    f"(parameters {names}); supported: Linear, Conv1D, Embedding, LayerNorm"
+                    f"(parameters {names}); supported: Linear, Conv1D, Conv2d, Embedding, LayerNorm, CLIPVisionEmbeddings"
                 )
             module.forward = types.MethodType(fwd, module)
             patched.append(module)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..families.base import input_length
 from ..methods.transforms import elect_sign, trim
 from ..statedict import StateDict, TaskVector
 from .coefficients import MergedParams
@@ -87,8 +88,10 @@ def build_merged(family, pretrained: StateDict, vectors, granularity: str, init:
     from .coefficients import nonzero_keys
 
     candidates = [k for k in nonzero_keys(pretrained, vectors) if k not in set(exclude)]
-    probe = [seq[0] for seq in texts.values()][:2]
-    on_path = set(keys_on_path(family, {k: pretrained[k] for k in candidates}, probe)) if candidates else set()
+    # one input of each of two tasks, each alone: tasks may differ in input kind (texts, text pairs)
+    probes = [[seq[0]] for seq in texts.values()][:2]
+    sub = {k: pretrained[k] for k in candidates}
+    on_path = set().union(*(keys_on_path(family, sub, p) for p in probes)) if candidates else set()
     keys = [k for k in candidates if k in on_path]
     if granularity == "layer" and not keys:
         raise InputError("no parameter tensor has a nonzero task vector on the path to the features: "
@@ -138,7 +141,7 @@ def _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, s
     frozen = copy_heads(dict(heads), trainable=False)
     caches = {t: TokenCache(family, texts[t]) for t in tasks}
     gen = torch.Generator().manual_seed(seed)
-    cyclers = {t: Cycler(len(texts[t]), batch_size, gen, [len(x) for x in texts[t]]) for t in tasks}
+    cyclers = {t: Cycler(len(texts[t]), batch_size, gen, [input_length(x) for x in texts[t]]) for t in tasks}
     setup = time.perf_counter() - t0
 
     opt = torch.optim.Adam([merged.coefficients.raw], lr=lr)

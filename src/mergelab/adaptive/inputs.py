@@ -38,9 +38,12 @@ def check_texts(texts: Mapping[str, Sequence[str]], tasks: Sequence[str] | None 
         seq = list(seq)
         if not seq:
             raise InputError(f"adaptation texts[{task!r}] is empty")
-        bad = next((i for i, x in enumerate(seq) if not isinstance(x, str)), None)
+        # texts for text families; text pairs, images or tensors for others: one kind per task
+        kind = str if isinstance(seq[0], str) else type(seq[0])
+        bad = next((i for i, x in enumerate(seq) if not isinstance(x, kind) or isinstance(x, (bool, int, float))), None)
         if bad is not None:
-            raise InputError(f"adaptation texts[{task!r}][{bad}] is {type(seq[bad]).__name__}, expected str")
+            raise InputError(f"adaptation texts[{task!r}][{bad}] is {type(seq[bad]).__name__}, expected "
+                             f"{kind.__name__} like the first input (texts, text pairs, images or tensors)")
         out[task] = seq
     if tasks is not None:
         missing = [t for t in tasks if t not in out]
@@ -53,21 +56,26 @@ def check_texts(texts: Mapping[str, Sequence[str]], tasks: Sequence[str] | None 
 class TokenCache:
     """The texts of one task tokenized once (padded to the longest, truncated at ``max_length``)."""
 
-    def __init__(self, family, texts: Sequence[str], chunk: int = 512) -> None:
+    def __init__(self, family, texts: Sequence[str]) -> None:
         self.n = len(texts)
-        parts: list[dict[str, Tensor]] = []
-        for start in range(0, self.n, chunk):
-            enc = family.tokenizer(list(texts[start:start + chunk]), padding="max_length", truncation=True,
-                                   max_length=family.max_length, return_tensors="pt")
-            parts.append(dict(enc))
-        self.tensors = {k: torch.cat([p[k] for p in parts]).to(family.device) for k in parts[0]}
-        self.lengths = self.tensors["attention_mask"].sum(1)
+        self.family = family
+        # the family encodes (texts: tokenized and padded to max_length, with their lengths); None: the
+        # family encodes each batch when it is drawn (images: all pixels at once would not fit a GPU)
+        encoded = family.encode_all(list(texts))
+        self.inputs = list(texts) if encoded is None else None
+        self.tensors, lengths = (None, None) if encoded is None else encoded
+        self.padded = lengths is not None
+        self.lengths = lengths if lengths is not None else torch.ones(self.n, dtype=torch.long, device=family.device)
 
     def __len__(self) -> int:
         return self.n
 
     def batch(self, idx: Tensor | Sequence[int]) -> dict[str, Tensor]:
         idx_t = torch.as_tensor(idx, dtype=torch.long, device=self.lengths.device)
+        if self.tensors is None:
+            return self.family.tokenize([self.inputs[i] for i in idx_t.tolist()])
+        if not self.padded:
+            return {k: v[idx_t] for k, v in self.tensors.items()}
         width = int(self.lengths[idx_t].max())
         return {k: v[idx_t, :width] for k, v in self.tensors.items()}
 

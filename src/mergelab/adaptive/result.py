@@ -7,6 +7,7 @@ model as one Hugging Face directory per task head (:meth:`AdaptResult.save_model
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -135,6 +136,11 @@ def copy_heads(heads: dict[str, nn.Linear], trainable: bool) -> dict[str, nn.Lin
     """Private copies of the heads (the caller's heads are never modified)."""
     out = {}
     for t, h in heads.items():
+        if not isinstance(h, nn.Linear):  # e.g. RoBERTa's dense + out_proj classification head
+            c = copy.deepcopy(h)
+            c.requires_grad_(trainable)
+            out[t] = c.eval()
+            continue
         c = nn.Linear(h.in_features, h.out_features, bias=h.bias is not None).to(h.weight.device)
         with torch.no_grad():
             c.weight.copy_(h.weight)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..families.base import input_length
 from ..statedict import StateDict
 from .adamerging import build_merged, check_steps, entropy, progress_bar
 from .inputs import Cycler, TokenCache, check_texts, frozen_module
@@ -191,7 +192,7 @@ def _symerge(family, pretrained, vectors, heads, texts, tasks, experts, pseudo_l
         if bad:
             raise InputError(f"pseudo_labels missing or of the wrong length for task(s) {bad}")
     gen = torch.Generator().manual_seed(seed)
-    cyclers = {t: Cycler(len(texts[t]), batch_size, gen, [len(x) for x in texts[t]]) for t in tasks}
+    cyclers = {t: Cycler(len(texts[t]), batch_size, gen, [input_length(x) for x in texts[t]]) for t in tasks}
     setup = time.perf_counter() - t0
 
     trainable: list[Tensor] = [merged.coefficients.raw]

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..functional import StackedVectors, low_rank_factors, per_sample_mixing, per_sample_reference, run_with
+from ..functional import StackedVectors, low_rank_factors, per_sample_mixing, per_sample_reference
 from ..methods.registry import MergePlan
 from ..statedict import StateDict
 from . import router as R
@@ -58,7 +58,7 @@ class Routing:
 
 
 class SEMerging:
-    """A dynamic merged body for a text family.
+    """A dynamic merged body for any family (:mod:`mergelab.families`).
 
     ``plan`` holds the base method's per-task vectors and static coefficients; ``experts`` maps each
     task to its expert's full body state dict (same tasks as the plan).
@@ -127,10 +127,10 @@ class SEMerging:
         protos = []
         for t in self.tasks:
             texts = list(texts_by_task[t])
-            acc = torch.zeros(self.family.hidden_size, device=self.family.device)
+            acc = torch.zeros((), device=self.family.device)
             for start in range(0, len(texts), batch_size):
                 batch = self.family.tokenize(texts[start : start + batch_size])
-                acc += self.family.probe(batch, self.static, [layer])[layer].sum(0)
+                acc = acc + self.family.probe(batch, self.static, [layer])[layer].sum(0)
             protos.append(acc / len(texts))
         self.prototypes = torch.stack(protos)
         self._prototype_layer = layer
@@ -169,10 +169,8 @@ class SEMerging:
 
     def mixed_features(self, batch: Mapping[str, Tensor], coeffs: Tensor) -> Tensor:
         """Features under equation (2) for given coefficients ``[B, T]`` (the exact batched path)."""
-        body = self.family.body
-        with per_sample_mixing(body, self.pretrained, self.stacked, coeffs):
-            out = run_with(body, self.pretrained, **batch)
-        return self.family.pool(out.last_hidden_state, batch["attention_mask"])
+        with per_sample_mixing(self.family.body, self.pretrained, self.stacked, coeffs):
+            return self.family.features(batch, self.pretrained)
 
     def low_rank_factors(self) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, float]]:
         """The rank-``lowrank_rank`` factors of the linear weights' task vectors and their relative errors
@@ -185,12 +183,10 @@ class SEMerging:
     def low_rank_features(self, batch: Mapping[str, Tensor], coeffs: Tensor) -> Tensor:
         """Features of the ``"lowrank"`` mode: the deviation ``C - lambda`` from the static merge mixed per
         sample through the low-rank factors."""
-        body = self.family.body
         factors, _ = self.low_rank_factors()
         delta = coeffs - self.base.to(coeffs.device)
-        with per_sample_mixing(body, self.static, self.stacked, delta, factors=factors):
-            out = run_with(body, self.static, **batch)
-        return self.family.pool(out.last_hidden_state, batch["attention_mask"])
+        with per_sample_mixing(self.family.body, self.static, self.stacked, delta, factors=factors):
+            return self.family.features(batch, self.static)
 
     def group_coefficients(self) -> Tensor:
         """``[T, T]``: row t is the coefficient vector of every sample the fast path routes to task t.
@@ -217,26 +213,24 @@ class SEMerging:
         w = R.routing_weights(s, self.config.temperature)
         chosen = w.argmax(-1)
         q = self.group_coefficients()
-        feats = torch.empty(merged.shape[0], self.family.hidden_size, device=merged.device)
+        feats: Tensor | None = None
         for t in chosen.unique().tolist():
             idx = (chosen == t).nonzero().squeeze(1)
-            sub = {k: v[idx] for k, v in batch.items()}
-            # trim the padding the group does not need
-            if getattr(self.family.tokenizer, "padding_side", "right") == "right":
-                keep = int(sub["attention_mask"].sum(1).max())
-                sub = {k: v[:, :keep] for k, v in sub.items()}
-            feats[idx] = self.family.features(sub, self._group_params(t)).to(feats.dtype)
+            sub = self.family.subset(batch, idx)  # the group's rows, without padding they do not need
+            got = self.family.features(sub, self._group_params(t))
+            if feats is None:
+                feats = torch.empty(merged.shape[0], got.shape[1], device=got.device, dtype=got.dtype)
+            feats[idx] = got.to(feats.dtype)
         return feats, Routing(s, w, q[chosen])
 
     def _single_pass(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Routing]:
         protos = self._need_prototypes()
         cfg, family, body = self.config, self.family, self.family.body
-        mask = batch["attention_mask"]
         state: dict[str, object] = {}
 
         def set_route(hidden: Tensor) -> None:
             s, w, c = R.coefficients(self.with_config(normalisation="prototype"), self.base,
-                                     merged=family.pool(hidden, mask), prototypes=protos)
+                                     merged=family.pool_hidden(hidden, batch).float(), prototypes=protos)
             state["routing"] = Routing(s, w, c)
 
         def coeffs() -> Tensor:
@@ -244,17 +238,11 @@ class SEMerging:
                 raise RuntimeError("a per-sample layer ran before the probe layer routed the batch")
             return state["routing"].coefficients  # type: ignore[union-attr]
 
-        blocks = family.layer_modules()
-        if cfg.layer == 0:
-            handle = blocks[0].register_forward_pre_hook(
-                lambda m, args, kwargs: set_route(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-        else:
-            handle = blocks[cfg.layer - 1].register_forward_hook(
-                lambda m, a, o: set_route(o[0] if isinstance(o, (tuple, list)) else o))
+        handle = family.route_hook(cfg.layer, set_route)
         try:
             with per_sample_mixing(body, self.pretrained, self.stacked, coeffs, keys=self._upper_keys):
-                out = run_with(body, self.static, **batch)
+                feats = family.features(batch, self.static)
         finally:
             handle.remove()
-        return family.pool(out.last_hidden_state, mask), state["routing"]  # type: ignore[return-value]
+        return feats, state["routing"]  # type: ignore[return-value]
 

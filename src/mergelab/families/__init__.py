@@ -1,5 +1,15 @@
-"""Model families: how to load a body and heads, and turn a batch into features and logits."""
+"""Model families: how to load a body and heads, and turn a batch into features and logits.
 
+- :class:`TextClassifierFamily`: an encoder body with mean/CLS pooling (the embedded text benchmark);
+- :class:`~mergelab.families.seqcls.SequenceClassifierFamily`: any ``AutoModelForSequenceClassification``
+  (BERT, GPT-2, RoBERTa...), each expert's classifier kept as its head;
+- :class:`~mergelab.families.clip.CLIPVisionFamily`: CLIP vision towers with zero-shot heads;
+- :class:`~mergelab.families.torch_module.TorchModuleFamily`: a plain ``nn.Module`` factory and state dicts.
+
+All share :class:`~mergelab.families.base.Family` (the interface the methods call).
+"""
+
+from mergelab.families.base import Family
 from mergelab.families.text import TextClassifierFamily, accuracy, predict
 
-__all__ = ["TextClassifierFamily", "accuracy", "predict"]
+__all__ = ["Family", "TextClassifierFamily", "accuracy", "predict"]

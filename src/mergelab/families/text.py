@@ -16,11 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from mergelab.errors import InputError
+from mergelab.families.base import Family, input_length
 
 POOLINGS = ("mean", "cls")
 
 
-class TextClassifierFamily:
+class TextClassifierFamily(Family):
     """A pretrained text encoder (``AutoModel``) with its tokenizer, in eval mode, on CPU by default."""
 
     def __init__(
@@ -47,6 +48,8 @@ class TextClassifierFamily:
         self.body.eval()
         self.hidden_size: int = int(self.body.config.hidden_size)
         self.n_layers: int = int(self.body.config.num_hidden_layers)
+        self.feature_size: int = self.hidden_size
+        self.name = str(self.model_dir)
         self._pretrained = {k: v.detach().clone() for k, v in self.body.state_dict().items()}
         self._identity: str | None = None
 
@@ -102,13 +105,30 @@ class TextClassifierFamily:
             raise InputError(f"{owner}: {which} ({texts[i]!r}) tokenizes to nothing with the tokenizer of "
                              f"{self.model_dir}; {len(empty)} such text(s). Remove or fix them.")
 
-    def _run(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None, hidden: bool):
+    def encode_all(self, texts: Sequence[str], chunk: int = 512) -> tuple[dict[str, Tensor], Tensor]:
+        """Every text tokenized once, padded to ``max_length``, with its length (for adaptation caches)."""
+        parts: list[dict[str, Tensor]] = []
+        for start in range(0, len(texts), chunk):
+            enc = self.tokenizer(list(texts[start:start + chunk]), padding="max_length", truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            parts.append(dict(enc))
+        tensors = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
+        return tensors, tensors["attention_mask"].sum(1)
+
+    def subset(self, batch: Mapping[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
+        sub = {k: v[idx] for k, v in batch.items()}
+        if getattr(self.tokenizer, "padding_side", "right") == "right":  # trim the padding the rows do not need
+            keep = int(sub["attention_mask"].sum(1).max())
+            sub = {k: v[:, :keep] for k, v in sub.items()}
+        return sub
+
+    def _call(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None, hidden: bool):
         kwargs = dict(batch)
         if hidden:
             kwargs["output_hidden_states"] = True
-        if params is None:
-            return self.body(**kwargs)
-        return torch.func.functional_call(self.body, dict(params), args=(), kwargs=kwargs, strict=False)
+        return self._functional(params, **kwargs)
+
+    _run = _call
 
     def pool(self, states: Tensor, mask: Tensor) -> Tensor:
         """Pool token states ``[B, L, H]`` into ``[B, H]`` (mean over the attention mask, or the first token)."""
@@ -117,9 +137,10 @@ class TextClassifierFamily:
         m = mask.to(states.dtype).unsqueeze(-1)
         return (states * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
-    def features(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Pooled last-layer representation, ``[B, hidden]``."""
-        out = self._run(batch, params, hidden=False)
+    def pool_hidden(self, hidden: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        return self.pool(hidden, batch["attention_mask"])
+
+    def head_input(self, out, batch: Mapping[str, Tensor]) -> Tensor:
         return self.pool(out.last_hidden_state, batch["attention_mask"])
 
     def hidden_states(
@@ -129,98 +150,8 @@ class TextClassifierFamily:
         out = self._run(batch, params, hidden=True)
         return [self.pool(h, batch["attention_mask"]) for h in out.hidden_states]
 
-    # ------------------------------------------------------------------ probe points
-    def layer_modules(self) -> list[nn.Module]:
-        """The body's transformer blocks, in order (the ``nn.ModuleList`` of ``num_hidden_layers`` blocks)."""
-        return [m for _, m in self._layer_list()[1]]
-
-    def _layer_list(self) -> tuple[str, list[tuple[str, nn.Module]]]:
-        if not hasattr(self, "_layers_cache"):
-            for name, mod in self.body.named_modules():
-                if isinstance(mod, nn.ModuleList) and len(mod) == self.n_layers:
-                    self._layers_cache = (name, [(f"{name}.{i}", m) for i, m in enumerate(mod)])
-                    break
-            else:
-                raise InputError(
-                    f"{self.model_dir}: found no list of {self.n_layers} transformer blocks in the body; "
-                    "probe layers need one"
-                )
-        return self._layers_cache
-
-    def layer_of_key(self, key: str) -> int:
-        """Probe depth a parameter acts at: 0 before the first block, i inside block i, n_layers + 1 after."""
-        prefix, _ = self._layer_list()
-        if key.startswith(prefix + "."):
-            return int(key[len(prefix) + 1 :].split(".", 1)[0]) + 1
-        if not hasattr(self, "_key_order"):
-            self._key_order = {k: i for i, k in enumerate(self._pretrained)}
-        first = min(i for k, i in self._key_order.items() if k.startswith(prefix + "."))
-        return 0 if self._key_order.get(key, first) < first else self.n_layers + 1
-
-    def check_layer(self, layer: int, what: str = "probe layer") -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= self.n_layers:
-            raise InputError(f"{what} must be an integer in 0..{self.n_layers} (0 = embeddings), got {layer!r}")
-        return layer
-
-    def probe(
-        self,
-        batch: Mapping[str, Tensor],
-        params: Mapping[str, Tensor] | None,
-        layers: Sequence[int],
-    ) -> dict[int, Tensor]:
-        """Pooled representations ``[B, hidden]`` after each of ``layers`` (0 = the embeddings' output).
-
-        The forward stops right after the deepest layer asked for, so probing layer ``l`` costs about
-        ``l / n_layers`` of a full pass.
-        """
-        if not layers:
-            raise InputError("probe needs at least one layer")
-        wanted = sorted({self.check_layer(int(v)) for v in layers})
-        blocks = self.layer_modules()
-        mask = batch["attention_mask"]
-        out: dict[int, Tensor] = {}
-        deepest = wanted[-1]
-
-        def grab(layer: int, hidden: Tensor) -> None:
-            if layer in wanted:
-                out[layer] = self.pool(hidden, mask)
-            if layer == deepest:
-                raise _StopForward
-
-        handles = [blocks[0].register_forward_pre_hook(lambda m, args, kwargs: grab(0, _first(args, kwargs)),
-                                                        with_kwargs=True)]
-        for i, block in enumerate(blocks[:deepest]):
-            handles.append(block.register_forward_hook(lambda m, a, o, i=i: grab(i + 1, _first_out(o))))
-        try:
-            self._run(batch, params, hidden=False)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return out
-
-    def logits(
-        self, batch: Mapping[str, Tensor], head: nn.Linear, params: Mapping[str, Tensor] | None = None
-    ) -> Tensor:
-        return head(self.features(batch, params))
-
 
 # ---------------------------------------------------------------------------------------------- helpers
-class _StopForward(Exception):
-    """Raised by a probe hook to end a forward pass early."""
-
-
-def _first(args: tuple, kwargs: dict) -> Tensor:
-    if args:
-        return args[0]
-    return kwargs["hidden_states"]
-
-
-def _first_out(out) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _progress(total: int, desc: str | None, enabled: bool):
     if not enabled:
         return None
@@ -235,9 +166,22 @@ def iter_batches(texts: Sequence[str], batch_size: int) -> Iterator[list[int]]:
     """Index batches over ``texts`` sorted by length (less padding); callers restore the order."""
     if batch_size < 1:
         raise InputError(f"batch_size must be positive, got {batch_size}")
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    if getattr(texts, "unsorted", False):  # lazily read inputs (images): reading all to sort would cost a pass
+        order = list(range(len(texts)))
+    else:
+        order = sorted(range(len(texts)), key=lambda i: input_length(texts[i]))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+def head_classes(head: nn.Module) -> int | None:
+    """How many classes a head outputs: its ``out_features``, else its last ``nn.Linear``'s (a head that
+    wraps a pooler and a projection, say); ``None`` when it cannot tell."""
+    n = getattr(head, "out_features", None)
+    if isinstance(n, int):
+        return n
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
 
 
 @torch.no_grad()
@@ -250,10 +194,12 @@ def embed(
     desc: str | None = None,
 ) -> Tensor:
     """Pooled features of ``texts`` (``[N, hidden]``, in input order) under body parameters ``params``."""
-    out = torch.empty(len(texts), family.hidden_size, device=family.device)
+    out: Tensor | None = None
     bar = _progress(len(texts), desc, progress)
     for idx in iter_batches(texts, batch_size):
         feats = family.features(family.tokenize([texts[i] for i in idx]), params)
+        if out is None:
+            out = torch.empty(len(texts), feats.shape[1], device=family.device)
         out[torch.tensor(idx, device=family.device)] = feats.to(out.dtype)
         if bar is not None:
             bar.update(len(idx))
@@ -295,8 +241,9 @@ def accuracy(
     if len(texts) == 0:
         raise InputError("accuracy of an empty set of texts")
     y = torch.as_tensor(labels, dtype=torch.long)
-    if int(y.min()) < 0 or int(y.max()) >= head.out_features:
-        bad = int(y.max()) if int(y.max()) >= head.out_features else int(y.min())
-        raise InputError(f"{desc or 'accuracy'}: label {bad} is outside the head's classes 0..{head.out_features - 1}")
+    n_out = head_classes(head)
+    if n_out is not None and (int(y.min()) < 0 or int(y.max()) >= n_out):
+        bad = int(y.max()) if int(y.max()) >= n_out else int(y.min())
+        raise InputError(f"{desc or 'accuracy'}: label {bad} is outside the head's classes 0..{n_out - 1}")
     pred = predict(family, texts, head, params, batch_size, progress, desc)
     return float((pred == y).float().mean())
