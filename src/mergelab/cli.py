@@ -23,7 +23,6 @@ from .errors import InputError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="mergelab: merge fine-tuned experts of one pretrained model into a multi-task model.",
 )
 err_console = Console(stderr=True)
 console = Console()
@@ -40,6 +39,16 @@ class _Global:
     quiet = False
 
 
+def _silence_libraries() -> None:
+    """--quiet: no download or weight-loading bars from huggingface_hub / transformers either."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def input_errors_exit_2(fn):
     """Turn mergelab's input errors (and unreadable files) into a clear message and exit status 2.
 
@@ -50,6 +59,8 @@ def input_errors_exit_2(fn):
     def wrapper(*args, **kwargs):
         if "quiet" in kwargs:
             kwargs["quiet"] = bool(kwargs["quiet"]) or _Global.quiet
+            if kwargs["quiet"]:
+                _silence_libraries()
         try:
             return fn(*args, **kwargs)
         except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
@@ -69,7 +80,8 @@ def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or progress lines, for every command."),
 ) -> None:
-    """mergelab: static, dynamic (SE-Merging) and adaptive (AdaMerging, SyMerge) model merging.
+    """mergelab: merge fine-tuned experts of one pretrained model into a multi-task model, statically,
+    per sample (SE-Merging) or adapted at test time (AdaMerging, SyMerge).
 
     Examples:
 
