@@ -126,7 +126,7 @@ def accuracy_panels(results: Mapping[str, Any], path: str | Path) -> Path:
         axes[k // ncols][k % ncols].axis("off")
     from matplotlib.patches import Patch
 
-    kinds = [("reference", "#7f7f7f"), ("static", "#1f77b4"), ("dynamic (SE-Merging)", "#ff7f0e"),
+    kinds = [("reference (experts; pretrained lighter)", "#7f7f7f"), ("static", "#1f77b4"), ("dynamic (SE-Merging)", "#ff7f0e"),
              ("adaptive", "#2ca02c"), ("static or dynamic + SyMerge heads", "#9467bd")]
     used = {_colour(n) for n in names} | {"#7f7f7f"}
     fig.legend(handles=[Patch(color=c, label=k) for k, c in kinds if c in used], loc="lower center",
