@@ -33,16 +33,25 @@ from .errors import InputError
 from .io import atomic_write_text, check_output_path
 
 
-def git_commit(where: str | Path | None = None) -> str | None:
-    """The commit of the git checkout holding ``where`` (default: this package), or None."""
-    where = Path(where) if where is not None else Path(__file__).resolve().parent
+def _git(*args: str, where: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit(where: str | Path | None = None) -> str | None:
+    """The commit of the git checkout holding ``where`` (default: this package), or None.
+
+    ``+dirty`` is appended when tracked files differ from that commit.
+    """
+    where = Path(where) if where is not None else Path(__file__).resolve().parent
+    commit = _git("rev-parse", "HEAD", where=where)
+    if not commit:
         return None
-    return out.stdout.strip() or None
+    changes = _git("status", "--porcelain", "--untracked-files=no", where=where)
+    return commit + ("+dirty" if changes else "")
 
 
 def resolve_device(device: str) -> str:
