@@ -150,6 +150,22 @@ def test_merge_config_runs_the_sweep_into_a_run_dir(pool, tmp_path):
     assert all(label in log for label in labels)
     assert re.match(r"\d\d:\d\d:\d\d ", log)
     check_png(run_dir / "merge_coefficients.png")
+    report = (run_dir / "report.md").read_text()
+    c = res["merges"][labels[0]]["coefficient"]
+    assert f"| {labels[0]} | task_arithmetic | scaling=0.2 | {c['a']:.3f} | {c['b']:.3f} | {c['c']:.3f} |" in report
+    assert "](merge_coefficients.png)" in report and "## Environment" in report and "## Configuration" in report
+
+
+def test_merge_config_device(pool, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(sweep_config(pool, tmp_path / "auto", "device: auto\n"))
+    result = runner.invoke(app, ["-q", "merge", "-c", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "auto" / "environment.json").read_text())["device"] == "cpu"
+    cfg.write_text(sweep_config(pool, tmp_path / "cuda", "device: cuda:1\n"))
+    assert_one_line_exit_2(runner.invoke(app, ["merge", "-c", str(cfg)]), "device: 'cuda:1'", "no CUDA device")
+    assert not (tmp_path / "cuda").exists()
 
 
 def test_merge_config_out_overrides_run_dir_and_no_models(pool, tmp_path):
