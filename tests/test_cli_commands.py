@@ -386,6 +386,35 @@ def test_finetune_saves_an_hf_expert_equal_to_train_expert(tiny_benchmark, tmp_p
                        ref.body_state["encoder.layer.0.attention.self.query.weight"])
 
 
+def test_finetuned_experts_merge_with_a_backbone_that_stores_position_ids(tiny_benchmark, tmp_path):
+    """Packaged checkpoints (all-MiniLM-L6-v2) hold the integer buffer embeddings.position_ids, which the
+    module's state dict leaves out; the saved expert must still merge with that folder as the pretrained model."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    spec, d = tiny_benchmark
+    backbone = tmp_path / "backbone"
+    shutil.copytree(d / "model", backbone)
+    sd = io.load_state_dict(backbone)
+    assert "embeddings.position_ids" not in sd
+    sd["embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
+    save_file(sd, str(backbone / "model.safetensors"))
+    for k in range(2):
+        result = runner.invoke(app, ["-q", "finetune", "--task", f"t{k}={d / f'task{k}.csv'}", "--out",
+                                     str(tmp_path / f"e{k}"), "--backbone", str(backbone), "--steps", "2",
+                                     "--batch-size", "8", "--max-length", "12", "--no-cache", "--holdout", "0"])
+        assert result.exit_code == 0, result.output
+    saved = io.load_state_dict(tmp_path / "e0")
+    assert torch.equal(saved["embeddings.position_ids"], sd["embeddings.position_ids"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"pool: {{pretrained: {backbone}, experts: {{t0: {tmp_path / 'e0'}, t1: {tmp_path / 'e1'}}}}}\n"
+                   f"methods: [{{name: ties}}]\noutputs: {{run_dir: {tmp_path / 'run'}}}\n")
+    result = runner.invoke(app, ["-q", "merge", "-c", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "models" / "ties" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--task", "nofile"], "expected NAME=PATH"),
     (["--task", "t=/no/such.csv"], "/no/such.csv"),

@@ -99,7 +99,13 @@ def finetune_user_task(
         "accuracy": held_out, "train_seconds": expert.meta.get("train_seconds"),
         "cache_hit": bool(expert.meta.get("cache_hit")), "final_loss": expert.meta.get("final_loss"),
     }
-    body = io._contiguous_unshared(expert.body_state)
+    body = dict(expert.body_state)
+    for key, value in io.load_state_dict(model_dir).items():
+        # integer buffers the module leaves out of its state dict (position ids) but the backbone's file
+        # holds: copied so that the expert has the backbone's keys and merges with it as the pretrained model
+        if key not in body and not value.is_floating_point():
+            body[key] = value
+    body = io._contiguous_unshared(body)
     head = {"weight": expert.head.weight.detach().cpu().contiguous(), "bias": expert.head.bias.detach().cpu().contiguous()}
 
     def fill(tmp: Path) -> None:
