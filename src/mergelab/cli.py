@@ -182,7 +182,7 @@ def _logged(run_dir: Path, quiet: bool, body):
 
     from .runs import RunLog
 
-    log = RunLog(run_dir / "run.log", Console(stderr=True, quiet=quiet))
+    log = RunLog(run_dir / "run.log", Console(stderr=True, quiet=quiet, soft_wrap=True))
     try:
         return body(log)
     except BaseException as exc:
@@ -215,7 +215,7 @@ def _merge_config(config: Path, out: Path | None, quiet: bool) -> None:
     if cfg.outputs.report:
         render_report(run_dir)
         files += ", report.html"
-    console.print(f"{len(results['merges'])} merge(s) in {results['seconds_total']:.1f}s -> {files}", highlight=False)
+    console.print(f"{len(results['merges'])} merge(s) in {results['seconds_total']:.1f}s -> {files}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -390,10 +390,10 @@ def finetune(
     recipe = TEXT5_RECIPE.replace(steps=steps, batch_size=batch_size, body_lr=body_lr, head_lr=head_lr, seed=seed)
     meta = finetune_user_task(path, out, name=name, backbone=backbone, recipe=recipe, max_length=max_length,
                               holdout=holdout, text_field=text_field, label_field=label_field, cache_dir=cache,
-                              use_cache=not no_cache, progress=not quiet, console=Console(stderr=True, quiet=quiet))
+                              use_cache=not no_cache, progress=not quiet, console=Console(stderr=True, quiet=quiet, soft_wrap=True))
     acc = ", ".join(f"{s} {100 * a:.1f}%" for s, a in meta["accuracy"].items())
     console.print(f"expert {name}: {meta['n_classes']} classes, {meta['sizes']['train']} training examples"
-                  f"{', held-out accuracy ' + acc if acc else ''} -> {out}", highlight=False)
+                  f"{', held-out accuracy ' + acc if acc else ''} -> {out}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -414,7 +414,7 @@ def report(
     from .report_page import render_report
 
     files = render_report(run_dir)
-    console.print(f"report: {files['md']}, {files['html']}", highlight=False)
+    console.print(f"report: {files['md']}, {files['html']}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
