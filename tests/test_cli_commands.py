@@ -485,3 +485,25 @@ def test_adapt_and_analyze_bad_input_exit_2(tmp_path):
     assert_one_line_exit_2(quiet_adapt, "--steps -1")
     analyze = runner.invoke(app, ["analyze", "nonsense"])
     assert_one_line_exit_2(analyze, "unknown analysis 'nonsense'")
+
+
+def test_report_draws_routing_and_learned_coefficients_from_bench_results(tmp_path):
+    conf = [[45, 5], [12, 38]]
+    per_task = {"x": 45 / 50, "y": 38 / 50}
+    row = {"per_task": {"x": 0.7, "y": 0.6}, "average": 0.65, "normalized_average": 0.9, "seconds": 1}
+    results = {"benchmark": "synthetic", "tasks": ["x", "y"], "methods": {
+        "individual": {**row, "per_task": {"x": 0.8, "y": 0.64}, "average": 0.72, "normalized_average": 1.0},
+        "se_merging_task_arithmetic": {**row, "routing": {"routing_accuracy": 83 / 100, "routing_accuracy_per_task": per_task,
+                                                          "confusion": conf, "mean_weight_entropy": 0.41}},
+        "symerge": {**row, "params": {"coefficient_mean": {"x": 0.31, "y": 0.27}}},
+    }}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "report.md").read_text()
+    # routing accuracy overall and per task: the confusion's diagonal over its rows, computed here
+    assert "| se_merging_task_arithmetic | 83.0 | 90.0 | 76.0 | 0.41 |" in md
+    for png in ("report_accuracy.png", "report_routing.png", "report_coefficients.png"):
+        check_png(tmp_path / png)
+        assert f"]({png})" in md
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == 3

@@ -6,7 +6,9 @@ merges), ``adapt`` (``result.json``) and ``analyze`` (JSON and PNG files) leave 
 - ``report.md``: the tables, with the images referenced by relative paths;
 - ``report.html``: the same page with every image embedded (base64), readable without the folder;
 - ``report_accuracy.png``: one horizontal bar panel per task (plus the average and the normalised
-  average), one bar per method, for runs with accuracies.
+  average), one bar per method, for runs with accuracies; ``report_routing.png`` (the routing
+  confusion of each SE-Merging row) and ``report_coefficients.png`` (the adaptive rows' mean learned
+  coefficient per task) when the results hold them.
 
 Every PNG found in the folder (not under ``models/``) is shown with a caption; the known analysis
 plots (auto-adaptation distances, routing confusion, probe sweep, cost, learned coefficients) come first.
@@ -27,6 +29,9 @@ from .io import atomic_write_text
 # file name -> caption, in the order the report shows them
 KNOWN_PLOTS: dict[str, str] = {
     "report_accuracy.png": "Test accuracy per task and method (dashed line: the task's own expert).",
+    "report_routing.png": "SE-Merging routing on the test split: share (%) of each task's samples routed to each "
+                          "task (rows: true task, columns: chosen task), one panel per SE-Merging row.",
+    "report_coefficients.png": "Mean learned merging coefficient per task of the adaptive rows (AdaMerging, SyMerge).",
     "merge_coefficients.png": "Coefficient of each task vector in each merge, and the cosine between the merge's "
                               "change of the weights and each task vector.",
     "auto_adaptation.png": "Representation auto-adaptation: per probe layer, how often each routing rule picks "
@@ -136,6 +141,52 @@ def accuracy_panels(results: Mapping[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def routing_panels(results: Mapping[str, Any], path: str | Path) -> Path | None:
+    """Row-normalised routing confusion (%) of each row with a ``routing.confusion`` (SE-Merging rows)."""
+    from .analysis.plots import _heatmap, _plt, _save
+
+    rows = {n: r["routing"] for n, r in results["methods"].items()
+            if isinstance(r.get("routing"), dict) and r["routing"].get("confusion")}
+    if not rows:
+        return None
+    plt = _plt()
+    tasks = list(results["tasks"])
+    n = len(rows)
+    ncols = min(2, n)
+    nrows = -(-n // ncols)
+    side = 2.2 + 0.75 * len(tasks)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * (side + 1.2), nrows * side), squeeze=False)
+    for k, (name, routing) in enumerate(rows.items()):
+        conf = [[100 * c / max(1, sum(row)) for c in row] for row in routing["confusion"]]
+        title = f"{name}\nrouting accuracy {100 * routing.get('routing_accuracy', float('nan')):.1f}%"
+        ax = axes[k // ncols][k % ncols]
+        _heatmap(ax, conf, tasks, tasks, title, fmt="{:.0f}")
+        ax.set_xlabel("chosen task", fontsize=8)
+        ax.set_ylabel("true task", fontsize=8)
+    for k in range(n, nrows * ncols):
+        axes[k // ncols][k % ncols].axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def coefficient_panel(results: Mapping[str, Any], path: str | Path) -> Path | None:
+    """Heatmap (adaptive row x task) of the mean learned coefficient, from each row's ``params.coefficient_mean``."""
+    from .analysis.plots import _heatmap, _plt, _save
+
+    rows = {n: r["params"]["coefficient_mean"] for n, r in results["methods"].items()
+            if isinstance(r.get("params"), dict) and isinstance(r["params"].get("coefficient_mean"), dict)}
+    if not rows:
+        return None
+    plt = _plt()
+    tasks = list(results["tasks"])
+    fig, ax = plt.subplots(figsize=(2.5 + 0.08 * max(len(n) for n in rows) + 1.0 * len(tasks), 1.6 + 0.5 * len(rows)))
+    _heatmap(ax, [[rows[n].get(t, float("nan")) for t in tasks] for n in rows], list(rows), tasks,
+             "mean learned coefficient per task (over layers / tensors)")
+    ax.set_aspect("auto")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -193,6 +244,19 @@ def render_report(run_dir: str | Path) -> dict[str, Path]:
             sections.append(("Parameters", _md_table(["method", "parameters"], params),
                              _html_table(["method", "parameters"], params)))
         files["accuracy_png"] = accuracy_panels(acc, run_dir / "report_accuracy.png")
+        routed = [[n, _pct(r["routing"].get("routing_accuracy")),
+                   *[_pct((r["routing"].get("routing_accuracy_per_task") or {}).get(t)) for t in tasks],
+                   f"{r['routing'].get('mean_weight_entropy', float('nan')):.2f}"]
+                  for n, r in acc["methods"].items() if isinstance(r.get("routing"), dict)]
+        if routed:
+            header = ["method", "routing accuracy", *tasks, "mean weight entropy (nats)"]
+            note = "Share (%) of test samples whose largest SE-Merging weight goes to their own task."
+            sections.append(("Routing", note + "\n\n" + _md_table(header, routed),
+                             f"<p>{html.escape(note)}</p>" + _html_table(header, routed)))
+            files["routing_png"] = routing_panels(acc, run_dir / "report_routing.png")
+        coef = coefficient_panel(acc, run_dir / "report_coefficients.png")
+        if coef is not None:
+            files["coefficients_png"] = coef
     if merges is not None:
         from .runs import merge_plot
 
