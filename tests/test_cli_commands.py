@@ -118,7 +118,7 @@ def test_merge_config_runs_the_sweep_into_a_run_dir(pool, tmp_path):
         assert (run_dir / name).is_file(), name
     res = json.loads((run_dir / "results.json").read_text())
     labels = ["task_arithmetic_scaling=0.2", "task_arithmetic_scaling=0.5", "ties_density=0.3_scaling=1.0"]
-    assert list(res["merges"]) == labels
+    assert list(res["merges"]) == labels and res["complete"] is True
     pre = io.load_state_dict(pool / "pre")
     experts = {t: io.load_state_dict(pool / t) for t in "abc"}
     for label, (method, params) in zip(labels, [("task_arithmetic", {"scaling": 0.2}),

@@ -243,7 +243,7 @@ def bench(
         mergelab bench --config configs/text5.yaml
     """
     from .benchmarks.run import default_run_dir
-    from .config import BenchmarkConfig, OutputsConfig, RunConfig, benchmark_rows, load_config
+    from .config import BenchmarkConfig, RunConfig, benchmark_rows, load_config
     from .report import rich_table
     from .report_page import render_report
     from .runs import benchmark_spec, start_run
@@ -266,7 +266,7 @@ def bench(
                                                   cache=str(cache) if cache else None))
     spec = benchmark_spec(cfg)
     out_dir = Path(out or cfg.outputs.run_dir or (default_run_dir(config.stem) if config else default_run_dir(spec.name)))
-    cfg = cfg.model_copy(update={"outputs": (cfg.outputs or OutputsConfig()).model_copy(update={"run_dir": str(out_dir)})})
+    cfg = cfg.model_copy(update={"outputs": cfg.outputs.model_copy(update={"run_dir": str(out_dir)})})
     start_run(out_dir, cfg, inputs=list(cfg.benchmark.tasks.values()))
 
     def body(log):

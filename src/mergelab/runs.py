@@ -93,12 +93,12 @@ class RunLog:
     def __init__(self, path: str | Path, console):
         from rich.console import Console
 
+        self.console = console
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115  (closed by close())
         self.file = Console(file=self._fh, width=120, no_color=True, highlight=False, soft_wrap=True,
                             force_terminal=False, emoji=False)
-        self.console = console
 
     def print(self, *objects, **kwargs) -> None:
         self.console.print(*objects, **kwargs)
@@ -189,6 +189,20 @@ def run_merges(cfg: RunConfig, run_dir: str | Path, *, console, progress: bool =
         experts = {t: {k: v.to(device) for k, v in sd.items()} for t, sd in experts.items()}
     pre_path = io.resolve_model_path(cfg.pool.pretrained)
     merges: dict[str, Any] = {}
+    norms: dict[str, float] = {}
+
+    def write(complete: bool) -> dict[str, Any]:
+        results = {
+            "kind": "merge", "name": name, "tasks": list(cfg.pool.experts), "pretrained": cfg.pool.pretrained,
+            "experts": dict(cfg.pool.experts), "task_vector_norm": norms, "merges": merges,
+            "complete": complete, "environment": {"device": device},
+            "seconds_total": round(time.perf_counter() - t_start, 1),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        # after every merge, so that an interrupted sweep leaves the numbers of the merges it saved
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        return results
+
     from rich.progress import Progress
 
     with Progress(console=console.console if isinstance(console, RunLog) else console, disable=not progress,
@@ -212,24 +226,14 @@ def run_merges(cfg: RunConfig, run_dir: str | Path, *, console, progress: bool =
                                               "mergelab_params": json.dumps(params, sort_keys=True)})
                 entry["model_dir"] = str(out.relative_to(run_dir.resolve()))
             merges[label] = entry
+            norms = stats["task_vector_norm"]
+            write(complete=False)
             del merged
             console.print(f"  {label:<32} {seconds:6.2f}s  coefficient "
                           + "  ".join(f"{t} {c:.3f}" for t, c in stats["coefficient"].items())
                           + (f"  -> {entry['model_dir']}" if entry["model_dir"] else ""), highlight=False)
             bar.advance(job)
-    results = {
-        "kind": "merge",
-        "name": name,
-        "tasks": list(cfg.pool.experts),
-        "pretrained": cfg.pool.pretrained,
-        "experts": dict(cfg.pool.experts),
-        "task_vector_norm": stats["task_vector_norm"] if merges else {},
-        "merges": merges,
-        "environment": {"device": device},
-        "seconds_total": round(time.perf_counter() - t_start, 1),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    results = write(complete=True)
     atomic_write_text(run_dir / "results.md", merge_markdown(results))
     if cfg.outputs.plots:
         merge_plot(results, run_dir / "merge_coefficients.png")
