@@ -187,14 +187,28 @@ def coefficient_panel(results: Mapping[str, Any], path: str | Path) -> Path | No
     return _save(fig, path)
 
 
+def _numeric(rows: list[list[str]], j: int) -> bool:
+    def num(c: str) -> bool:
+        try:
+            float(c)
+            return True
+        except ValueError:
+            return c == "-"
+
+    return j > 0 and all(num(r[j]) for r in rows)
+
+
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    right = [_numeric(rows, j) for j in range(len(header))]
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td class=\"{'num' if right[j] else 'txt'}\">{html.escape(c)}</td>"
+                                    for j, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    align = ["---:" if _numeric(rows, j) else "---" for j in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -260,6 +274,8 @@ def render_report(run_dir: str | Path) -> dict[str, Path]:
     if merges is not None:
         from .runs import merge_plot
 
+        title = str(merges.get("name") or title)
+
         tasks = list(merges["tasks"])
         header = ["merge", "method", "params", *[f"coef {t}" for t in tasks], "norm of delta", "seconds", "model"]
         rows = [[label, m["method"], ", ".join(f"{k}={v}" for k, v in m["params"].items()) or "-",
@@ -308,5 +324,5 @@ def render_report(run_dir: str | Path) -> dict[str, Path]:
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;font-size:14px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px}"
-        "td:not(:first-child){text-align:right}th{background:#f0f0f0}img{max-width:100%;border:1px solid #eee}"
+        "td.num{text-align:right}th{background:#f0f0f0}img{max-width:100%;border:1px solid #eee}"
         "figure{margin:1.5em 0}figcaption{font-size:14px;color:#444}pre{background:#f6f6f6;padding:1em;overflow:auto}")
