@@ -1,8 +1,8 @@
 """Inference cost of SE-Merging against the static merged model, measured in one run.
 
 Times per sample, interleaved over ``--repeats`` rounds (median): the static Task Arithmetic model,
-SE-Merging's reference (a model materialised per sample), exact batched, single-pass and fast
-(grouped) paths, and running all T experts (what an ensemble costs). Prints the ratios to the
+SE-Merging's reference (a model materialised per sample), exact batched, single-pass, fast
+(grouped) and low-rank paths, and running all T experts (what an ensemble costs). Prints the ratios to the
 static model and writes JSON.
 
     .venv/bin/python benchmarks/dynamic_inference.py --benchmark text5 --out runs/dynamic_inference.json

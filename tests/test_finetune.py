@@ -172,6 +172,25 @@ def test_key_covers_recipe_data_and_backbone(family: TextClassifierFamily, tiny_
     assert k != expert_key(shorter, task, RECIPE)
 
 
+def test_key_does_not_depend_on_where_the_backbone_lives(family: TextClassifierFamily, tiny_model_dir: Path,
+                                                          tmp_path: Path) -> None:
+    # the same backbone in another folder (another venv, a moved checkout) hits the same cache entry
+    import shutil
+
+    moved = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere" / "model")
+    there = TextClassifierFamily(moved, max_length=family.max_length)
+    assert there.identity() == family.identity()
+    assert expert_key(there, sentiment_task(), RECIPE) == expert_key(family, sentiment_task(), RECIPE)
+    # but other weights do not
+    with torch.no_grad():
+        next(there.body.parameters()).add_(1.0)
+    there.body.save_pretrained(str(tmp_path / "changed"))
+    for f in moved.iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            shutil.copy(f, tmp_path / "changed" / f.name)
+    assert TextClassifierFamily(tmp_path / "changed", max_length=family.max_length).identity() != family.identity()
+
+
 def test_different_recipe_different_entry(family: TextClassifierFamily, tmp_path: Path) -> None:
     task = sentiment_task(32)
     a = get_or_train_expert(family, task, RECIPE.replace(steps=3), cache_dir=tmp_path, progress=False)

@@ -117,11 +117,12 @@ def probe_sweep(ctx, *, layers: Sequence[int], config: RouterConfig | None = Non
 @torch.no_grad()
 def lowrank_study(ctx, *, ranks: Sequence[int] = (4, 16, 64), config: RouterConfig | None = None,
                   split: str = "validation", n_per_task: int = 100, n_calib: int = 32, batch_size: int = 64,
-                  progress: bool = False) -> dict:
+                  repeats: int = 3, timing_batches: int = 3, progress: bool = False) -> dict:
     """The low-rank lever of the per-sample forward: for each rank r, the validation accuracy of
     SE-Merging's ``"lowrank"`` mode against the exact path (same routing, computed once per batch), the
     relative Frobenius error of the rank-r task vectors, and seconds per sample next to the static merge
-    and the exact path, timed in this run."""
+    and the exact path: the paths interleaved over ``repeats`` rounds on the first ``timing_batches``
+    batches, median (this machine is shared: ratios within one run, not absolute times)."""
     se = se_model(ctx, config=config)
     if se.config.normalisation == "prototype":
         se.calibrate(_texts(ctx, split, 0, n_calib))
@@ -132,33 +133,51 @@ def lowrank_study(ctx, *, ranks: Sequence[int] = (4, 16, 64), config: RouterConf
         for idx in iter_batches(sub.texts, batch_size):
             b = family.tokenize([sub.texts[i] for i in idx])
             batches.append((task, b, torch.tensor([sub.labels[i] for i in idx]), se.route(b)))
-    n = sum(len(s) for s in data.values())
 
-    def run(fn) -> tuple[dict[str, float], float]:
+    def run(fn) -> dict[str, float]:
         correct = dict.fromkeys(data, 0)
-        t0 = time.perf_counter()
         for task, b, y, routing in batches:
             correct[task] += int((heads[task](fn(b, routing)).argmax(-1).cpu() == y).sum())
-        sec = (time.perf_counter() - t0) / n
-        return {t: correct[t] / len(data[t]) for t in data}, sec
+        return {t: correct[t] / len(data[t]) for t in data}
 
-    def summary(acc, sec, **extra):
-        return {"average": sum(acc.values()) / len(acc), "per_task": acc, "seconds_per_sample": sec, **extra}
+    def lowrank(rank):
+        def fn(b, r):
+            se.lowrank_rank = int(rank)
+            return se.features(b, "lowrank", routing=r)[0]
+        return fn
 
-    static_acc, static_sec = run(lambda b, r: family.features(b, se.static))
-    exact_acc, exact_sec = run(lambda b, r: se.features(b, "exact", routing=r)[0])
-    rows = []
+    paths = {"static": lambda b, r: family.features(b, se.static),
+             "exact": lambda b, r: se.features(b, "exact", routing=r)[0],
+             **{f"rank {rank}": lowrank(rank) for rank in ranks}}
+    acc = {name: run(fn) for name, fn in paths.items()}
+    errors = {}
     for rank in ranks:
         se.lowrank_rank = int(rank)
-        _, errors = se.low_rank_factors()
-        acc, sec = run(lambda b, r: se.features(b, "lowrank", routing=r)[0])
-        rows.append({"rank": int(rank), **summary(acc, sec),
-                     "relative_error_mean": sum(errors.values()) / max(1, len(errors)),
-                     "ratio_to_static": sec / static_sec})
+        errors[rank] = se.low_rank_factors()[1]
+    # timing: the paths interleaved over `repeats` rounds on the first batches (median), factors built
+    timing = batches[:timing_batches]
+    n_timed = sum(int(b[1]["input_ids"].shape[0]) for b in timing)
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            fn(timing[0][1], timing[0][3])  # warm-up (and the rank's factors, cached per rank below)
+            t0 = time.perf_counter()
+            for _task, b, _y, r in timing:
+                fn(b, r)
+            times[name].append((time.perf_counter() - t0) / n_timed)
+    sec = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+    def summary(name, **extra):
+        a = acc[name]
+        return {"average": sum(a.values()) / len(a), "per_task": a, "seconds_per_sample": sec[name],
+                "ratio_to_static": sec[name] / sec["static"], **extra}
+
+    rows = [{"rank": int(rank), **summary(f"rank {rank}"),
+             "relative_error_mean": sum(errors[rank].values()) / max(1, len(errors[rank]))} for rank in ranks]
     return {
         "split": split, "n_per_task": n_per_task, "router": se.config.to_dict(), "threads": torch.get_num_threads(),
-        "static": summary(static_acc, static_sec), "exact": summary(exact_acc, exact_sec, ratio_to_static=exact_sec / static_sec),
-        "lowrank": rows,
+        "timed_samples": n_timed, "repeats": repeats,
+        "static": summary("static"), "exact": summary("exact"), "lowrank": rows,
     }
 
 

@@ -174,11 +174,11 @@ class SEMerging:
 
     def low_rank_factors(self) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, float]]:
         """The rank-``lowrank_rank`` factors of the linear weights' task vectors and their relative errors
-        (computed once)."""
-        if getattr(self, "_factors_rank", None) != self.lowrank_rank:
-            self._factors = low_rank_factors(self.stacked, self.family.body, self.lowrank_rank)
-            self._factors_rank = self.lowrank_rank
-        return self._factors
+        (computed once per rank)."""
+        cache = self.__dict__.setdefault("_factors", {})
+        if self.lowrank_rank not in cache:
+            cache[self.lowrank_rank] = low_rank_factors(self.stacked, self.family.body, self.lowrank_rank)
+        return cache[self.lowrank_rank]
 
     def low_rank_features(self, batch: Mapping[str, Tensor], coeffs: Tensor) -> Tensor:
         """Features of the ``"lowrank"`` mode: the deviation ``C - lambda`` from the static merge mixed per

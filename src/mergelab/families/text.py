@@ -9,6 +9,7 @@ floating tensors; missing entries and buffers fall back to the module's own.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -62,7 +63,9 @@ class TextClassifierFamily(Family):
         """A hash of the pretrained body's tensors and config, and of the pooling and max length."""
         if self._identity is None:
             h = hashlib.sha256()
-            h.update(self.body.config.to_json_string(use_diff=False).encode())
+            config = self.body.config.to_dict()
+            config.pop("_name_or_path", None)  # where the model was loaded from is not what it is
+            h.update(json.dumps(config, sort_keys=True, default=str).encode())
             for key in sorted(self._pretrained):
                 t = self._pretrained[key]
                 h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
