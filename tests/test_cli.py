@@ -10,18 +10,14 @@ import mergelab
 from mergelab import io
 from mergelab.cli import app
 
-from .tiny_models import save_tiny_bert
+from .tiny_models import save_tiny_pool
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pool")
-    pre = save_tiny_bert(root / "pre", seed=0)
-    a = save_tiny_bert(root / "a", seed=1, perturb=0.02, base=pre)
-    b = save_tiny_bert(root / "b", seed=2, perturb=0.02, base=pre)
-    return root, pre, a, b
+    return save_tiny_pool(tmp_path_factory.mktemp("pool"))
 
 
 def _digest(path):

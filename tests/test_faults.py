@@ -29,7 +29,7 @@ from mergelab.cli import app
 from mergelab.data.tasks import TextTask
 from mergelab.families.text import TextClassifierFamily
 
-from .tiny_models import VOCAB, save_tiny_bert
+from .tiny_models import VOCAB, save_tiny_pool
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -118,11 +118,7 @@ def run_and_kill(script: str, ready: Path, *args: str, timeout: float = 120.0, s
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fault-pool")
-    pre = save_tiny_bert(root / "pre", seed=0)
-    a = save_tiny_bert(root / "a", seed=1, perturb=0.02, base=pre)
-    b = save_tiny_bert(root / "b", seed=2, perturb=0.02, base=pre)
-    return root, pre, a, b
+    return save_tiny_pool(tmp_path_factory.mktemp("fault-pool"))
 
 
 def merge_args(pre, a, b, out, method="ties"):

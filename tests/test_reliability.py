@@ -27,7 +27,7 @@ from mergelab.cli import app
 from mergelab.errors import HubUnavailableError, IncompatibleModelsError, InputError
 from mergelab.pool import PoolConfig
 
-from .tiny_models import VOCAB, save_tiny_bert, tiny_bert_config, tiny_tokenizer
+from .tiny_models import VOCAB, save_tiny_pool, tiny_bert_config, tiny_tokenizer
 
 runner = CliRunner()
 WORDS = VOCAB[5:]
@@ -58,11 +58,7 @@ def refused(args: list[str], *needles: str, out: Path | None = None, code: int =
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pool")
-    pre = save_tiny_bert(root / "pre", seed=0)
-    a = save_tiny_bert(root / "a", seed=1, perturb=0.02, base=pre)
-    b = save_tiny_bert(root / "b", seed=2, perturb=0.02, base=pre)
-    return root, pre, a, b
+    return save_tiny_pool(tmp_path_factory.mktemp("pool"))
 
 
 def merge_args(pre, experts: dict[str, Path | str], out: Path, method: str = "task_arithmetic", *params: str):

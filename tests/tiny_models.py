@@ -55,3 +55,11 @@ def save_tiny_bert(directory: Path, seed: int = 0, perturb: float = 0.0, base: P
     write_vocab(directory / "vocab.txt")
     tiny_tokenizer().save_pretrained(str(directory))
     return directory
+
+
+def save_tiny_pool(root: Path) -> tuple[Path, Path, Path, Path]:
+    """``(root, pretrained, expert a, expert b)``: a tiny BERT and two perturbed copies, as HF folders."""
+    pre = save_tiny_bert(root / "pre", seed=0)
+    a = save_tiny_bert(root / "a", seed=1, perturb=0.02, base=pre)
+    b = save_tiny_bert(root / "b", seed=2, perturb=0.02, base=pre)
+    return root, pre, a, b
