@@ -95,6 +95,8 @@ def merge(
     expert: list[str] = typer.Option(..., "--expert", "-e", help="NAME=PATH of a fine-tuned expert; repeat per expert."),
     param: list[str] | None = typer.Option(None, "--param", help="KEY=VALUE method parameter (YAML value); repeatable."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically; never an input)."),
+    stream: bool = typer.Option(False, "--stream", help="Merge slice by slice from safetensors files (memory: a few slices per model; docs/streaming.md)."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="With --stream: bytes per output shard (5GB, 500MB, ...)."),
 ) -> None:
     """Merge experts into one model and save it as a Hugging Face directory.
 
@@ -110,6 +112,13 @@ def merge(
     methods.get(method)  # unknown method: fail before loading anything
     io.check_output_path(out, [pretrained, *specs.values()])
     t0 = time.perf_counter()
+    if stream:
+        from .streaming import stream_merge
+
+        stream_merge(method, pretrained, specs, out, shard_size=shard_size, progress=True, **params)
+        console.print(f"streamed {len(specs)} experts with [bold]{method}[/] {params or ''} in "
+                      f"{time.perf_counter() - t0:.1f}s -> {out}", highlight=False)
+        return
     pre_sd = io.load_state_dict(pretrained)
     expert_sds = {name: io.load_state_dict(path) for name, path in specs.items()}
     merged = methods.merge(method, pre_sd, expert_sds, **params)

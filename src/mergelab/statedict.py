@@ -91,7 +91,7 @@ def check_compatible(
 
 def _check_finite(owner: str, sd: StateDict) -> None:
     for key, t in sd.items():
-        if is_mergeable(t) and not bool(torch.isfinite(t).all()):
+        if is_mergeable(t) and not kernels.all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise IncompatibleModelsError(
                 f"{owner}, key {key!r}: {bad} non-finite value(s) (NaN or Inf); refusing to merge"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,7 @@ class SafetensorsModel:
         self.path = Path(path)
         self.tensors = self._locate(self.path)
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def _locate(self, path: Path) -> dict[str, TensorInfo]:
         if path.is_file():
@@ -157,7 +159,10 @@ class SafetensorsModel:
         offset = info.start + start * info.itemsize
         fd = self._fds.get(info.file)
         if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            with self._lock:
+                fd = self._fds.get(info.file)
+                if fd is None:
+                    fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         view = memoryview(buffer.numpy())[:nbytes]
         got = 0
         while got < nbytes:

@@ -14,15 +14,18 @@ TIES needs its magnitude thresholds before trimming:
 - ``scope="global"`` (the paper's top-k over the whole task vector): two passes over the whole
   models for the exact global threshold of each task, then the merge pass, three reads in all.
 
-DARE's mask of each (task, tensor) comes from its own generator (:func:`~mergelab.kernels.dare_generator`),
-replayed from the start in every pass, so each pass sees the same dropped vectors as the in-memory merge.
+DARE's mask of each (task, tensor) comes from its own counter-based generator
+(:func:`~mergelab.kernels.dare_generator`), jumped to each slice's first element, so every slice, in any
+pass and on any thread, sees the same dropped values as the in-memory merge.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,58 +117,87 @@ class _Inputs:
 
 
 class StreamMerger:
-    """One streamed merge; :meth:`run` writes the output directory."""
+    """One streamed merge; :meth:`run` writes the output directory.
+
+    Slices are processed by ``threads`` worker threads, each running torch single-threaded: whole
+    slices in parallel (reading included) rather than each small operation split across threads, which
+    keeps both cores busy without a barrier per operation and stays robust on a shared machine.
+    Results are consumed in slice order, with at most two slices per worker in flight.
+    """
 
     def __init__(self, inputs: _Inputs, pipeline: Pipeline, *, chunk: int = kernels.CHUNK,
-                 check_finite: bool = True, progress: Callable[[int], None] | None = None):
+                 check_finite: bool = True, threads: int | None = None,
+                 progress: Callable[[int], None] | None = None):
         self.inp = inputs
         self.pipe = pipeline
-        self.chunk = int(chunk)
+        self.chunk = int(chunk) + int(chunk) % 2  # DARE slices start at even elements
         self.check_finite = check_finite
+        self.threads = max(1, threads or torch.get_num_threads())
         self.progress = progress or (lambda n: None)
-        size = self.chunk * 8
-        self._buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(len(inputs.tasks) + 1)]
         self._checked: set[str] = set()
+        self._pool: ThreadPoolExecutor | None = None
 
     # -------------------------------------------------------------- slices
 
-    def _slices(self, key: str) -> Iterator[tuple[Tensor, list[Tensor]]]:
-        """(pretrained slice, processed task-vector slices) over ``key``, in element order."""
-        info = self.inp.pre.tensors[key]
-        models = [self.inp.experts[t] for t in self.inp.tasks]
-        gens = ([kernels.dare_generator(self.pipe.seed, t, key) for t in self.inp.tasks]
-                if self.pipe.drop_rate > 0 else None)
+    def _jobs(self, key: str) -> list[tuple[str, int, int, bool]]:
+        n = self.inp.pre.tensors[key].numel
         check = self.check_finite and key not in self._checked
-        for start in range(0, info.numel, self.chunk):
-            count = min(self.chunk, info.numel - start)
-            p = self.inp.pre.read(key, start, count, self._buffers[0])
-            es = [m.read(key, start, count, buf) for m, buf in zip(models, self._buffers[1:])]
-            if check:
-                self._check_finite(key, p, es)
-            taus = [kernels.task_vector(e, p) for e in es]
-            if gens is not None:
-                taus = [kernels.drop(v, self.pipe.drop_rate, g) for v, g in zip(taus, gens)]
-            yield p, taus
+        self._checked.add(key)
+        return [(key, s, min(self.chunk, n - s), check) for s in range(0, n, self.chunk)]
+
+    def _slice(self, key: str, start: int, count: int, check: bool) -> tuple[Tensor, list[Tensor]]:
+        """The pretrained slice and the processed task-vector slices of elements start .. start+count."""
+        info = self.inp.pre.tensors[key]
+        p = self.inp.pre.read(key, start, count, torch.empty(count * info.itemsize, dtype=torch.uint8))
+        es = []
+        for t in self.inp.tasks:
+            m = self.inp.experts[t]
+            es.append(m.read(key, start, count, torch.empty(count * m.tensors[key].itemsize, dtype=torch.uint8)))
         if check:
-            self._checked.add(key)
+            self._check_finite(key, p, es)
+        taus = [kernels.task_vector(e, p) for e in es]
+        if self.pipe.drop_rate > 0:
+            taus = [kernels.drop(v, self.pipe.drop_rate, kernels.dare_generator(self.pipe.seed, t, key, start))
+                    for v, t in zip(taus, self.inp.tasks)]
+        return p, taus
 
     def _check_finite(self, key: str, p: Tensor, es: list[Tensor]) -> None:
         for owner, model, x in [("pretrained", self.inp.pre, p),
                                 *((f"expert {t!r}", self.inp.experts[t], e) for t, e in zip(self.inp.tasks, es))]:
-            if not bool(torch.isfinite(x).all()):
+            if not kernels.all_finite(x):
                 raise IncompatibleModelsError(
                     f"{owner}, key {key!r} ({model.tensors[key].file}): non-finite value(s) (NaN or Inf); "
                     "refusing to merge")
+
+    def _map(self, jobs: Iterable[tuple[str, int, int, bool]], fn: Callable[[Tensor, list[Tensor]], Any]) -> Iterator[Any]:
+        """``fn(pretrained slice, task-vector slices)`` for each job on the workers, results in job order."""
+        def work(job):
+            return fn(*self._slice(*job))
+
+        if self._pool is None:
+            for job in jobs:
+                yield work(job)
+            return
+        window: deque = deque()
+        for job in jobs:
+            window.append(self._pool.submit(work, job))
+            if len(window) >= 2 * self.threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
     def _thresholds(self, keys: list[str]) -> list[Tensor]:
         """Each task's exact k-th largest |tau| over ``keys`` (one key: TIES per tensor; all: global)."""
         n = sum(self.inp.pre.tensors[k].numel for k in keys)
         sels = [kernels.KthLargestAbs(kernels.kept_count(n, self.pipe.density)) for _ in self.inp.tasks]
         for add in ("add_coarse", "add_fine"):
+            def feed(p, taus, add=add):
+                for sel, v in zip(sels, taus):
+                    getattr(sel, add)(v)
+
             for key in keys:
-                for _, taus in self._slices(key):
-                    for sel, v in zip(sels, taus):
-                        getattr(sel, add)(v)
+                for _ in self._map(self._jobs(key), feed):
+                    pass
                 if len(keys) > 1:
                     self.progress(1)
             if add == "add_coarse":
@@ -174,21 +206,25 @@ class StreamMerger:
         return [sel.value() for sel in sels]
 
     def _merge_key(self, key: str, writer: ShardedWriter, thresholds: list[Tensor] | None) -> None:
-        writer.begin(key)
         pipe = self.pipe
-        for p, taus in self._slices(key):
+
+        def merged(p: Tensor, taus: list[Tensor]) -> Tensor:
             if pipe.ties:
                 if thresholds is not None:
                     taus = [kernels.trim(v, thr) for v, thr in zip(taus, thresholds)]
                 taus = kernels.disjoint_parts(taus, kernels.elect_sign(taus))
-            writer.write(kernels.combine_tensor(p, zip(pipe.coefficients, taus)).to(p.dtype))
+            return kernels.combine_tensor(p, zip(pipe.coefficients, taus)).to(p.dtype)
+
+        writer.begin(key)
+        for out in self._map(self._jobs(key), merged):
+            writer.write(out)
 
     def _copy_key(self, key: str, writer: ShardedWriter) -> None:
         info = self.inp.pre.tensors[key]
         writer.begin(key)
         for start in range(0, info.numel, self.chunk):
             count = min(self.chunk, info.numel - start)
-            writer.write(self.inp.pre.read(key, start, count, self._buffers[0]))
+            writer.write(self.inp.pre.read(key, start, count, torch.empty(count * info.itemsize, dtype=torch.uint8)))
 
     # -------------------------------------------------------------- the merge
 
@@ -197,6 +233,19 @@ class StreamMerger:
         return 3 if self.pipe.trims and self.pipe.scope == "global" else 1
 
     def run(self, directory: Path, shard_size: int) -> None:
+        torch_threads = torch.get_num_threads()
+        if self.threads > 1:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mergelab-stream")
+            torch.set_num_threads(1)
+        try:
+            self._run(directory, shard_size)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+            torch.set_num_threads(torch_threads)
+
+    def _run(self, directory: Path, shard_size: int) -> None:
         pre = self.inp.pre.tensors
         entries = [(k, info.dtype, info.shape) for k, info in pre.items()]
         global_thr = None
@@ -225,13 +274,15 @@ def stream_merge(
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     chunk: int = kernels.CHUNK,
     check_finite: bool = True,
+    threads: int | None = None,
     progress: bool = False,
     **params: Any,
 ) -> Path:
     """Merge safetensors models slice by slice into a (sharded) Hugging Face directory at ``out``.
 
     Same methods, parameters and result (``torch.equal``) as :func:`mergelab.merge`; memory is a few
-    slices of ``chunk`` elements per model. ``shard_size``: bytes per output shard (``"5GB"``,
+    slices of ``chunk`` elements per model and worker thread (``threads``, default: torch's thread
+    count). ``shard_size``: bytes per output shard (``"5GB"``,
     ``"500MB"`` or a number). The directory is written atomically (temporary directory + rename),
     with the pretrained directory's config and tokenizer files.
     """
@@ -242,7 +293,7 @@ def stream_merge(
     out_p = check_output_path(out, [pretrained, *experts.values()])
     inputs = _Inputs(pretrained, experts)
     try:
-        merger = StreamMerger(inputs, pipeline, chunk=chunk, check_finite=check_finite)
+        merger = StreamMerger(inputs, pipeline, chunk=chunk, check_finite=check_finite, threads=threads)
         total = len(inputs.pre.tensors) + (2 * len(inputs.mergeable) if merger.passes() == 3 else 0)
 
         def fill(tmp: Path) -> None:
