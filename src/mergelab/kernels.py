@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 # Slices of this many elements keep the per-slice temporaries of a merge in the CPU caches.
-CHUNK = 1 << 18
+CHUNK = 1 << 17
 
 
 def task_vector(expert: Tensor, pre: Tensor) -> Tensor:

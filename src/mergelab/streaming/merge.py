@@ -122,7 +122,7 @@ class StreamMerger:
     Slices are processed by ``threads`` worker threads, each running torch single-threaded: whole
     slices in parallel (reading included) rather than each small operation split across threads, which
     keeps both cores busy without a barrier per operation and stays robust on a shared machine.
-    Results are consumed in slice order, with at most two slices per worker in flight.
+    Results are consumed in slice order, with at most ``threads + 1`` slices in flight.
     """
 
     def __init__(self, inputs: _Inputs, pipeline: Pipeline, *, chunk: int = kernels.CHUNK,
@@ -181,7 +181,7 @@ class StreamMerger:
         window: deque = deque()
         for job in jobs:
             window.append(self._pool.submit(work, job))
-            if len(window) >= 2 * self.threads:
+            if len(window) > self.threads:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
