@@ -390,5 +390,24 @@ def table(rows: list[dict]) -> Table:
     return t
 
 
+def markdown(paths: list[Path]) -> str:
+    """The docs table from result files: median wall s / peak RSS MB per mode, ratios to mergekit."""
+    lines = ["| T | method | in memory | streamed | mergekit | streamed / mergekit (time, RSS) | floor s | streamed / floor |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    rows = sorted((r for p in paths for r in json.loads(Path(p).read_text())["rows"]), key=lambda r: (r["T"], list(METHODS).index(r["method"])))
+    for r in rows:
+        w, m = r["median_wall_s"], r["median_peak_rss_mb"]
+        cells = [f"{w[k]:.1f} s / {m[k]:,.0f} MB" if k in w else "-" for k in ("memory", "stream", "mergekit")]
+        ratio = r.get("ratio_wall_vs_mergekit", {}).get("stream")
+        rr = r.get("ratio_rss_vs_mergekit", {}).get("stream")
+        rat = f"{ratio:.2f} / {rr:.2f}" if ratio is not None else "-"
+        floor = f"{w['stream'] / r['floor_s']:.1f}x" if "stream" in w else "-"
+        lines.append(f"| {r['T']} | {r['method']} | {' | '.join(cells)} | {rat} | {r['floor_s']:.1f} | {floor} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--markdown":
+        print(markdown([Path(p) for p in sys.argv[2:]]))
+    else:
+        main()
