@@ -136,6 +136,8 @@ def merge(
     param: list[str] | None = typer.Option(None, "--param", help="KEY=VALUE method parameter (YAML value); repeatable."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (written atomically; never an input). With --config: the run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or progress lines."),
+    stream: bool = typer.Option(False, "--stream", help="Merge slice by slice from safetensors files (memory: a few slices per model; docs/streaming.md)."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="With --stream: bytes per output shard (5GB, 500MB, ...)."),
 ) -> None:
     """Merge experts into one model and save it as a Hugging Face directory; or run a config's sweep.
 
@@ -154,9 +156,10 @@ def merge(
 
     if config is not None:
         given = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
-                                ("--param", param)) if v]
+                                ("--param", param), ("--stream", stream)) if v]
         if given:
-            raise InputError(f"--config describes the pool and the methods; drop {', '.join(given)}")
+            raise InputError(f"--config describes the pool and the methods; drop {', '.join(given)}"
+                             + (" (streamed merges take the flag form)" if stream else ""))
         _merge_config(config, out, quiet)
         return
     missing = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
@@ -169,6 +172,13 @@ def merge(
     io.check_output_path(out, [pretrained, *specs.values()])
     io.check_replaceable(out)  # before loading anything
     t0 = time.perf_counter()
+    if stream:
+        from .streaming import stream_merge
+
+        stream_merge(method, pretrained, specs, out, shard_size=shard_size, progress=not quiet, **params)
+        console.print(f"streamed {len(specs)} experts with [bold]{method}[/] {params or ''} in "
+                      f"{time.perf_counter() - t0:.1f}s -> {out}", highlight=False)
+        return
     pre_sd = io.load_state_dict(pretrained)
     expert_sds = {name: io.load_state_dict(path) for name, path in specs.items()}
     merged = methods.merge(method, pre_sd, expert_sds, **params)

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor
 
+from . import kernels
 from .errors import IncompatibleModelsError, InputError
 
 StateDict = Mapping[str, Tensor]
@@ -90,7 +91,7 @@ def check_compatible(
 
 def _check_finite(owner: str, sd: StateDict) -> None:
     for key, t in sd.items():
-        if is_mergeable(t) and not bool(torch.isfinite(t).all()):
+        if is_mergeable(t) and not kernels.all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise IncompatibleModelsError(
                 f"{owner}, key {key!r}: {bad} non-finite value(s) (NaN or Inf); refusing to merge"
@@ -113,7 +114,7 @@ class TaskVector(Mapping[str, Tensor]):
     def between(cls, pretrained: StateDict, expert: StateDict) -> TaskVector:
         return cls(
             {
-                k: expert[k].detach().to(torch.float32) - p.detach().to(torch.float32)
+                k: kernels.task_vector(expert[k], p)
                 for k, p in pretrained.items()
                 if is_mergeable(p)
             }
@@ -185,17 +186,14 @@ def combine(
         if not is_mergeable(base):
             merged[key] = base.clone()
             continue
-        acc = base.detach().to(torch.float32, copy=True)
-        needs_grad = False
+        terms = []
         for task, vec in vectors.items():
             if key not in vec:
                 continue
             lam = coefficients[task]
-            if isinstance(lam, Mapping):
-                lam = lam[key]
-            if isinstance(lam, Tensor) and lam.requires_grad:
-                needs_grad = True
-            acc = acc + lam * vec[key]
+            terms.append((lam[key] if isinstance(lam, Mapping) else lam, vec[key]))
+        acc = kernels.combine_tensor(base, terms)
+        needs_grad = any(isinstance(lam, Tensor) and lam.requires_grad for lam, _ in terms)
         merged[key] = acc if needs_grad else acc.to(base.dtype)
     return merged
 

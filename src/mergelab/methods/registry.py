@@ -85,14 +85,20 @@ def get(name: str) -> MethodInfo:
 
 def plan(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], **params: Any) -> MergePlan:
     """Check compatibility, compute task vectors and run ``method``'s pre-processing: a MergePlan."""
+    info = check_params(method, params)
+    vectors = task_vectors(pretrained, experts)
+    return info.fn(vectors, **params)
+
+
+def check_params(method: str, params: Mapping[str, Any]) -> MethodInfo:
+    """The method's info, after refusing parameters it does not have."""
     info = get(method)
     unknown = sorted(set(params) - set(info.params))
     if unknown:
         raise InputError(
             f"method {method!r} has no parameter(s) {unknown}; its parameters are {sorted(info.params)}"
         )
-    vectors = task_vectors(pretrained, experts)
-    return info.fn(vectors, **params)
+    return info
 
 
 def merge(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], **params: Any) -> dict[str, Tensor]:

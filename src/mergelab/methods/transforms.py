@@ -15,29 +15,16 @@ learned, per-sample) can be put on TIES- or DARE-processed vectors.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
+from .. import kernels
 from ..errors import InputError
 from ..statedict import TaskVector
 
 Vectors = Mapping[str, TaskVector]
-
-
-def _kept_count(numel: int, density: float) -> int:
-    return max(1, min(numel, int(round(density * numel))))
-
-
-def _threshold(abs_values: Tensor, density: float) -> Tensor:
-    """The k-th largest magnitude, k = round(density * n) (at least 1): entries >= it are kept."""
-    n = abs_values.numel()
-    k = _kept_count(n, density)
-    # kthvalue is the k-th *smallest*; the k-th largest is the (n - k + 1)-th smallest.
-    return torch.kthvalue(abs_values.reshape(-1), n - k + 1).values
 
 
 def trim(vectors: Vectors, density: float, scope: str = "global") -> dict[str, TaskVector]:
@@ -56,14 +43,16 @@ def trim(vectors: Vectors, density: float, scope: str = "global") -> dict[str, T
             out[task] = TaskVector(dict(vec))
             continue
         if scope == "global":
-            flat = torch.cat([v.reshape(-1).abs() for v in vec.values()])
-            thr = _threshold(flat, density)
-            del flat
-            out[task] = TaskVector({k: torch.where(v.abs() >= thr, v, torch.zeros((), dtype=v.dtype)) for k, v in vec.items()})
+            n = sum(v.numel() for v in vec.values())
+            if n == 0:
+                out[task] = TaskVector(dict(vec))
+                continue
+            thr = kernels.kth_largest_abs(list(vec.values()), kernels.kept_count(n, density))
+            out[task] = TaskVector({k: kernels.trim(v, thr) for k, v in vec.items()})
         else:
             out[task] = TaskVector(
-                {k: torch.where(v.abs() >= _threshold(v.abs(), density), v, torch.zeros((), dtype=v.dtype))
-                 for k, v in vec.items()}
+                {k: kernels.trim(v, kernels.kth_largest_abs([v], kernels.kept_count(v.numel(), density)))
+                 if v.numel() else v.clone() for k, v in vec.items()}
             )
     return out
 
@@ -74,7 +63,7 @@ def elect_sign(vectors: Vectors) -> dict[str, Tensor]:
     if not tasks:
         raise InputError("elect_sign needs at least one task vector")
     keys = list(vectors[tasks[0]])
-    return {k: torch.sign(sum(vectors[t][k] for t in tasks)) for k in keys}
+    return {k: kernels.elect_sign([vectors[t][k] for t in tasks]) for k in keys}
 
 
 def disjoint_split(vectors: Vectors, signs: Mapping[str, Tensor]) -> dict[str, TaskVector]:
@@ -86,16 +75,16 @@ def disjoint_split(vectors: Vectors, signs: Mapping[str, Tensor]) -> dict[str, T
     tasks = list(vectors)
     parts: dict[str, dict[str, Tensor]] = {t: {} for t in tasks}
     for key, sign in signs.items():
-        agree = [(torch.sign(vectors[t][key]) == sign) & (vectors[t][key] != 0) for t in tasks]
-        count = torch.clamp(sum(a.to(torch.float32) for a in agree), min=1.0)
-        for t, a in zip(tasks, agree):
-            parts[t][key] = torch.where(a, vectors[t][key], torch.zeros((), dtype=vectors[t][key].dtype)) / count
+        for t, part in zip(tasks, kernels.disjoint_parts([vectors[t][key] for t in tasks], sign)):
+            parts[t][key] = part
     return {t: TaskVector(p) for t, p in parts.items()}
 
 
-def _stable_seed(seed: int, task: str, key: str) -> int:
-    digest = hashlib.blake2b(f"{seed}\x00{task}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+def check_drop_params(drop_rate: float, seed: int) -> None:
+    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not (0.0 <= drop_rate < 1.0) or math.isnan(drop_rate):
+        raise InputError(f"parameter 'drop_rate' must be in [0, 1), got {drop_rate!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"parameter 'seed' must be an integer, got {seed!r}")
 
 
 def drop(vectors: Vectors, drop_rate: float, seed: int = 0) -> dict[str, TaskVector]:
@@ -105,19 +94,10 @@ def drop(vectors: Vectors, drop_rate: float, seed: int = 0) -> dict[str, TaskVec
     (seed, task name, key), so the result does not depend on the order tensors are processed in
     (streamed and in-memory merges agree) and the same seed always gives the same result.
     """
-    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not (0.0 <= drop_rate < 1.0) or math.isnan(drop_rate):
-        raise InputError(f"parameter 'drop_rate' must be in [0, 1), got {drop_rate!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"parameter 'seed' must be an integer, got {seed!r}")
+    check_drop_params(drop_rate, seed)
     if drop_rate == 0.0:
         return {t: TaskVector(dict(v)) for t, v in vectors.items()}
-    keep_scale = 1.0 / (1.0 - drop_rate)
-    out: dict[str, TaskVector] = {}
-    for task, vec in vectors.items():
-        dropped = {}
-        for key, v in vec.items():
-            gen = torch.Generator(device="cpu").manual_seed(_stable_seed(seed, task, key))
-            keep = torch.rand(v.shape, generator=gen, dtype=torch.float32).to(v.device) >= drop_rate
-            dropped[key] = torch.where(keep, v * keep_scale, torch.zeros((), dtype=v.dtype, device=v.device))
-        out[task] = TaskVector(dropped)
-    return out
+    return {
+        task: TaskVector({key: kernels.drop(v, drop_rate, kernels.dare_generator(seed, task, key)) for key, v in vec.items()})
+        for task, vec in vectors.items()
+    }
