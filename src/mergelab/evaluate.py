@@ -141,17 +141,12 @@ def evaluate_tasks(
                              f"on this task's label set?")
         params = body(task) if callable(body) else body
         desc = f"{label} {task}".strip()
-        if cache is None:
-            out[task] = accuracy(family, split.texts, split.labels, heads[task], params, batch_size=batch_size,
-                                 progress=progress, desc=desc)
-            continue
-        if len(split) == 0:
-            raise InputError(f"task {task!r}: accuracy of an empty set of texts")
-        with torch.no_grad():
+        feats = None
+        if cache is not None and len(split) > 0:
             feats = cache.features(family, params, split.texts, batch_size=batch_size, progress=progress, desc=desc,
                                    body_key=shared_key)
-            pred = heads[task](feats).argmax(-1).cpu()
-        out[task] = float((pred == torch.as_tensor(split.labels, dtype=torch.long)).float().mean())
+        out[task] = accuracy(family, split.texts, split.labels, heads[task], params, batch_size=batch_size,
+                             progress=progress, desc=desc, features=feats)
     return out
 
 

@@ -175,7 +175,6 @@ def _cached_pseudo_labels(family, experts, heads, texts, cache: FeatureCache, ba
     without a second expert pass when the ``individual`` row already ran."""
     out = {}
     for task, seq in texts.items():
-        feats = cache.features(family, experts[task], seq, batch_size=batch_size)
-        conf, labels = torch.softmax(heads[task](feats).float(), -1).max(-1)
-        out[task] = PseudoLabels(labels.cpu(), conf.cpu())
+        out[task] = PseudoLabels.from_logits(heads[task](cache.features(family, experts[task], seq,
+                                                                         batch_size=batch_size)))
     return out

@@ -53,6 +53,12 @@ class PseudoLabels:
     labels: Tensor  # long [N]
     confidence: Tensor  # float [N]
 
+    @classmethod
+    def from_logits(cls, logits: Tensor) -> PseudoLabels:
+        """The argmax class and its softmax probability of each row of ``logits`` (on the CPU)."""
+        conf, labels = torch.softmax(logits.detach().float(), -1).max(-1)
+        return cls(labels.cpu(), conf.cpu())
+
 
 def select_samples(merged_logits: Tensor, expert_labels: Tensor, expert_confidence: Tensor) -> Tensor:
     """SyMerge's sample selection: keep x if the merged model agrees with the expert, or if the expert
@@ -94,10 +100,9 @@ def expert_pseudo_labels(
         conf = torch.empty(len(seq))
         for start in range(0, len(seq), batch_size):
             idx = order[start:start + batch_size]
-            probs = torch.softmax(family.logits(cache.batch(idx), heads[task], experts[task]).float(), -1).cpu()
-            c, y = probs.max(-1)
-            labels[idx.cpu()] = y
-            conf[idx.cpu()] = c
+            got = PseudoLabels.from_logits(family.logits(cache.batch(idx), heads[task], experts[task]))
+            labels[idx.cpu()] = got.labels
+            conf[idx.cpu()] = got.confidence
         out[task] = PseudoLabels(labels, conf)
     return out
 

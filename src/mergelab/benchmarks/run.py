@@ -36,6 +36,7 @@ import torch
 from .. import __version__
 from ..errors import InputError
 from ..evaluate import FeatureCache, MethodResult, Timer, evaluate_tasks, mean, normalized_average, search
+from ..families.text import accuracy
 from ..methods import plan as make_plan
 from ..statedict import combine
 from .finetune import get_or_train_expert
@@ -275,9 +276,8 @@ def se_merging_rows(spec, family, pre, bodies, heads, splits, results, expert_ac
         with Timer() as tm:
             if features is not None and row in features:
                 feats, routing = features[row]["features"], features[row]["routing"]
-                with torch.no_grad():
-                    per_task = {t: float((heads[t](feats[t]).argmax(-1) == torch.as_tensor(test[t].labels)).float().mean())
-                                for t in test}
+                per_task = {t: accuracy(family, test[t].texts, test[t].labels, heads[t], features=feats[t])
+                            for t in test}
             else:
                 se = SEMerging(family, pre, make_plan(method, pre, bodies, **params), bodies, config)
                 if mode == "fast" or config.normalisation == "prototype":

@@ -237,8 +237,12 @@ def accuracy(
     batch_size: int = 64,
     progress: bool = False,
     desc: str | None = None,
+    features: Tensor | None = None,
 ) -> float:
-    """Share of ``texts`` whose predicted class is the label (a fraction in [0, 1])."""
+    """Share of ``texts`` whose predicted class is the label (a fraction in [0, 1]).
+
+    ``features``: the texts' pooled features under ``params`` when already computed (``[N, H]``, input
+    order), e.g. by a :class:`~mergelab.evaluate.FeatureCache`; else they are computed here."""
     if len(texts) != len(labels):
         raise InputError(f"{len(texts)} texts but {len(labels)} labels")
     if len(texts) == 0:
@@ -248,5 +252,9 @@ def accuracy(
     if n_out is not None and (int(y.min()) < 0 or int(y.max()) >= n_out):
         bad = int(y.max()) if int(y.max()) >= n_out else int(y.min())
         raise InputError(f"{desc or 'accuracy'}: label {bad} is outside the head's classes 0..{n_out - 1}")
-    pred = predict(family, texts, head, params, batch_size, progress, desc)
+    if features is None:
+        pred = predict(family, texts, head, params, batch_size, progress, desc)
+    else:
+        with torch.no_grad():
+            pred = head(features).argmax(-1).cpu()
     return float((pred == y).float().mean())
