@@ -434,6 +434,44 @@ def test_finetune_bad_input_exit_2(tmp_path, args, needle):
 # ---------------------------------------------------------------------------------------------- report, adapt, analyze
 
 
+def test_adapt_and_analyze_write_options_environment_and_log(tiny_benchmark, tmp_path):
+    """adapt and analyze have no config file: options.json records the command with every default filled in."""
+    cache = str(tmp_path / "cache")
+    adapt = tmp_path / "adapt"
+    result = runner.invoke(app, ["-q", "adapt", "-b", "tiny-cli", "-m", "adamerging_taskwise", "--steps", "2",
+                                 "--seed", "4", "--cache", cache, "--out", str(adapt)])
+    assert result.exit_code == 0, result.output
+    opts = json.loads((adapt / "options.json").read_text())
+    assert opts["command"] == "adapt"
+    assert opts["options"] | {"out": None} == {
+        "method": "adamerging_taskwise", "benchmark": "tiny-cli", "steps": 2, "out": None, "lr": None, "seed": 4,
+        "task_layer": "head", "loss": "selflabel", "clamp": True, "adapt_split": "test", "cache": cache,
+        "save_models": False, "evaluate": True, "threads": None}
+    env = json.loads((adapt / "environment.json").read_text())
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    log = (adapt / "run.log").read_text()
+    assert "adamerging_taskwise: test average" in log and "2 steps" in log
+    assert json.loads((adapt / "result.json").read_text())["steps"] == 2
+    assert runner.invoke(app, ["report", str(adapt)]).exit_code == 0
+    assert "## Command and options" in (adapt / "report.md").read_text()
+
+    analysis = tmp_path / "an"
+    result = runner.invoke(app, ["-q", "analyze", "routing", "-b", "tiny-cli", "--n-per-task", "4", "--layer", "1",
+                                 "--cache", cache, "--out", str(analysis)])
+    assert result.exit_code == 0, result.output
+    opts = json.loads((analysis / "options.json").read_text())
+    assert opts["command"] == "analyze" and opts["options"]["kind"] == "routing"
+    assert opts["options"]["router"]["layer"] == 1 and opts["options"]["n_per_task"] == 4
+    assert (analysis / "environment.json").is_file() and (analysis / "probe_study.json").is_file()
+    assert "probe_study.json" in (analysis / "run.log").read_text()
+    # bad input found once the run started removes the folder the command created
+    gone = tmp_path / "gone"
+    bad = runner.invoke(app, ["adapt", "-b", "nope", "-m", "symerge", "--out", str(gone)])
+    assert bad.exit_code == 2 and not gone.exists()
+
+
+
+
 def test_report_of_an_adapt_and_analysis_folder(tmp_path):
     from mergelab.analysis import plots
 

@@ -181,3 +181,19 @@ def test_python_construction_has_the_same_rules():
         RunConfig(pool={"pretrained": "p", "experts": {"a": "x"}}, methods=[{"name": "average", "extra": 1}])
     cfg = RunConfig(benchmark={"name": "text5"})
     assert cfg.outputs.report is True and cfg.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [("1e-3", 0.001), ("2.5E4", 25000.0), ("-1e2", -100.0), (".5e1", 5.0), ("1.0e+38", 1.0e38), ("0.3", 0.3),
+     ("3", 3), ("1e3x", "1e3x"), ("1.2.3", "1.2.3"), ("e5", "e5"), ("'1e-3'", "1e-3")],
+)
+def test_exponent_floats_are_numbers_in_params_and_configs(tmp_path, raw, expected):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; we read YAML 1.2 floats, in --param values and in configs."""
+    from mergelab.cli import parse_params
+
+    got = parse_params([f"scaling={raw}"])["scaling"]
+    assert got == expected and type(got) is type(expected)
+    cfg = parse_config(GOOD.replace("scaling: [0.2, 0.4]", f"scaling: [{raw}]"), check_methods=False)
+    value = sweep(cfg)[0][2]["scaling"]
+    assert value == expected and type(value) is type(expected)

@@ -268,6 +268,24 @@ def test_parameters_out_of_range(pool, tmp_path, method, param, needle):
     refused(merge_args(pre, {"a": a, "b": b}, out, method, param), needle, out=out)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_scaling_that_overflows_float32_is_refused(pool, tmp_path, stream):
+    """A finite but huge coefficient overflows the float32 sum: refused, naming the key, instead of writing Inf."""
+    _, pre, a, b = pool
+    out = tmp_path / "o"
+    args = merge_args(pre, {"a": a, "b": b}, out, "task_arithmetic", "scaling=1.0e39") + (["--stream"] if stream else [])
+    refused(args, "produced non-finite values in key", "overflow of torch.float32", "'scaling': 1e+39", out=out)
+
+
+def test_merge_that_overflows_a_float16_pretrained_model_is_refused(tmp_path):
+    """The result is written in the pretrained model's dtype; float16 tops out at 65504."""
+    pre = {"w": torch.full((2, 3), 100.0, dtype=torch.float16)}
+    experts = {"t": {"w": torch.full((2, 3), 300.0, dtype=torch.float16)}}
+    assert torch.isfinite(mergelab.merge("task_arithmetic", pre, experts, scaling=300.0)["w"]).all()  # 60100
+    with pytest.raises(InputError, match=r"key 'w' \(overflow of torch.float16\)"):
+        mergelab.merge("task_arithmetic", pre, experts, scaling=400.0)  # 80100
+
+
 def test_router_parameters():
     from mergelab.dynamic import RouterConfig
     from mergelab.dynamic.router import rescale, routing_weights

@@ -17,7 +17,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
+from . import __version__, yamlio
 from .errors import InputError
 
 app = typer.Typer(
@@ -108,7 +108,7 @@ def parse_params(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise InputError(f"--param {item!r}: expected KEY=VALUE, e.g. --param density=0.2")
         try:
-            params[key] = yaml.safe_load(raw) if raw.strip() else None
+            params[key] = yamlio.load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise InputError(f"--param {key}: cannot read value {raw!r} ({exc.__class__.__name__})") from None
     return params
@@ -190,35 +190,10 @@ def merge(
     )
 
 
-def _logged(run_dir: Path, quiet: bool, body, *, created: bool = False):
-    """Run ``body(log)`` with a console that also writes run.log; a failure's traceback goes to the log.
-
-    ``created``: this command made ``run_dir``. Bad input found during the run then removes it again, so
-    refused input leaves nothing behind (docs/reliability.md); other failures keep it, with the log."""
-    import shutil
-    import traceback
-
-    from .runs import RunLog
-
-    log = RunLog(run_dir / "run.log", Console(stderr=True, quiet=quiet, soft_wrap=True))
-    try:
-        return body(log)
-    except InputError:
-        log.close()
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    except BaseException as exc:
-        log.to_file(f"failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        raise
-    finally:
-        log.close()
-
-
 def _merge_config(config: Path, out: Path | None, quiet: bool) -> None:
     from .config import load_config
     from .report_page import render_report
-    from .runs import default_run_dir, merge_markdown, resolve_device, run_merges, start_run
+    from .runs import default_run_dir, logged_run, merge_markdown, resolve_device, run_merges, start_run
 
     cfg = load_config(config)
     if cfg.kind != "merge":
@@ -234,7 +209,7 @@ def _merge_config(config: Path, out: Path | None, quiet: bool) -> None:
         log.to_file(merge_markdown(results))
         return results
 
-    results = _logged(run_dir, quiet, body, created=created)
+    results = logged_run(run_dir, quiet, body, created=created)
     files = f"{run_dir}/results.json, results.md"
     if cfg.outputs.report:
         render_report(run_dir)
@@ -270,7 +245,7 @@ def bench(
     from .config import BenchmarkConfig, RunConfig, benchmark_rows, load_config
     from .report import rich_table
     from .report_page import render_report
-    from .runs import benchmark_spec, start_run
+    from .runs import benchmark_spec, logged_run, start_run
 
     if config is not None:
         given = [f for f, v in (("--benchmark", benchmark != "text5"), ("--cache", cache), ("--row", row),
@@ -304,7 +279,7 @@ def bench(
         log.to_file(rich_table(results))
         return results
 
-    results = _logged(out_dir, quiet, body, created=created)
+    results = logged_run(out_dir, quiet, body, created=created)
     console.print(rich_table(results))
     extra = ""
     if cfg.outputs.report:
@@ -346,6 +321,7 @@ def analyze(
     from .benchmarks.registry import get_benchmark
     from .benchmarks.run import load_context
     from .dynamic import RouterConfig
+    from .runs import logged_run, start_command_run
 
     changes = {k: v for k, v in {"layer": layer, "normalisation": normalisation, "temperature": temperature,
                                  "mass": mass}.items() if v is not None}
@@ -356,9 +332,21 @@ def analyze(
     _check_probe_layers(spec, [cfg.layer, *(layers or [])])
     if ranks and any(r < 1 for r in ranks):
         raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
-    ctx = load_context(spec, cache_dir=cache, progress=not quiet, console=Console(stderr=True, quiet=quiet))
-    files = run_analysis(kind, ctx, out, config=cfg, n_per_task=n_per_task, layers=layers,
-                         ranks=tuple(ranks) if ranks else (4, 16, 64), progress=not quiet)
+    rank_list = tuple(ranks) if ranks else (4, 16, 64)
+    created = not out.exists()
+    start_command_run(out, "analyze", {
+        "kind": kind, "benchmark": spec.name, "cache": cache, "router": cfg.to_dict(), "n_per_task": n_per_task,
+        "layers": list(layers) if layers else None, "ranks": list(rank_list)})
+
+    def body(log):
+        ctx = load_context(spec, cache_dir=cache, progress=not quiet, console=log)
+        files = run_analysis(kind, ctx, out, config=cfg, n_per_task=n_per_task, layers=layers, ranks=rank_list,
+                             progress=not quiet)
+        for name, path in files.items():
+            log.to_file(f"{name}: {path}")
+        return files
+
+    files = logged_run(out, quiet, body, created=created)
     for name, path in files.items():
         console.print(f"{name}: {path}", highlight=False)
 

@@ -38,6 +38,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import yamlio
 from .errors import InputError
 from .pool import PoolConfig
 
@@ -247,8 +248,8 @@ def parse_config(text: str, *, where: str = "<config>", base: str | Path | None 
                  check_methods: bool = True) -> RunConfig:
     """Validate YAML ``text``; ``where`` names it in messages, ``base`` anchors relative pool paths."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yamlio.compose(text)
+        data = yamlio.load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""

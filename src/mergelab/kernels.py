@@ -85,6 +85,19 @@ def all_finite(x: Tensor) -> bool:
     return x.numel() == 0 or bool(torch.isfinite(x.detach().abs().amax()))
 
 
+def require_finite_result(key: str, merged: Tensor, merge: str) -> None:
+    """Refuse a merged tensor with NaN or Inf: the inputs were checked finite, so the parameters
+    overflowed float32 (a huge scaling) or the output dtype (float16 tops out at 65504)."""
+    if not all_finite(merged):
+        from .errors import InputError  # kernels stays free of package imports at module level
+
+        raise InputError(
+            f"{merge} produced non-finite values in key {key!r} "
+            f"(overflow of {merged.dtype}); the coefficients scale the task vectors beyond what the "
+            "dtype can hold: use smaller values"
+        )
+
+
 class KthLargestAbs:
     """The exact k-th largest |x| over values seen in chunks: radix selection on the float32 bits.
 

@@ -43,7 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from . import io
+from . import io, yamlio
 from .errors import InputError
 
 
@@ -269,7 +269,7 @@ def load_pool_file(path: str | Path, *, data: bool = True) -> ModelPool:
 
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = yamlio.load(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InputError(f"{p}: cannot read ({exc})") from exc
     except yaml.YAMLError as exc:

@@ -312,6 +312,9 @@ def render_report(run_dir: str | Path) -> dict[str, Path]:
     if (run_dir / "config.yaml").is_file():
         text = (run_dir / "config.yaml").read_text(encoding="utf-8")
         sections.append(("Configuration", f"```yaml\n{text.rstrip()}\n```", f"<pre>{html.escape(text)}</pre>"))
+    elif (run_dir / "options.json").is_file():  # adapt / analyze: the command and its options
+        text = json.dumps(_read_json(run_dir / "options.json"), indent=2)
+        sections.append(("Command and options", f"```json\n{text}\n```", f"<pre>{html.escape(text)}</pre>"))
     md = f"# {title}\n\nRun directory: `{run_dir}`\n\n" + "\n\n".join(f"## {t}\n\n{m}" for t, m, _ in sections) + "\n"
     page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}: mergelab report</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"

@@ -55,16 +55,10 @@ def git_commit(where: str | Path | None = None) -> str | None:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> cuda if available, else cpu; a device that is not available is refused."""
-    import torch
+    """``auto`` -> cuda if available, else cpu; a device that is not available is refused (as a string)."""
+    from .families.base import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device: {device!r} asked, but torch sees no CUDA device; use device: cpu or auto")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("device: 'mps' asked, but torch sees no MPS device; use device: cpu or auto")
-    return device
+    return str(resolve(device))
 
 
 def environment(device: str = "cpu") -> dict[str, Any]:
@@ -130,6 +124,49 @@ def start_run(run_dir: str | Path, cfg: RunConfig, *, inputs=(), device: str = "
                       + yaml.safe_dump(cfg.resolved_dict(), sort_keys=False, allow_unicode=True))
     atomic_write_text(run_dir / "environment.json", json.dumps(environment(device), indent=2) + "\n")
     return run_dir
+
+
+def start_command_run(run_dir: str | Path, command: str, options: Mapping[str, Any], *, inputs=(),
+                      device: str = "cpu") -> Path:
+    """Create ``run_dir`` for a command without a configuration file (``adapt``, ``analyze``).
+
+    ``options.json`` holds the command and every option with its default filled in, the counterpart of a
+    config run's ``config.yaml``; ``environment.json`` is the same as there.
+    """
+    run_dir = Path(run_dir)
+    check_output_path(run_dir, inputs)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--out {run_dir}: exists and is not a folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"command": command, "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}}
+    atomic_write_text(run_dir / "options.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(run_dir / "environment.json", json.dumps(environment(device), indent=2) + "\n")
+    return run_dir
+
+
+def logged_run(run_dir: Path, quiet: bool, body, *, created: bool = False):
+    """Run ``body(log)`` with a console that also writes run.log; a failure's traceback goes to the log.
+
+    ``created``: this command made ``run_dir``. Bad input found during the run then removes it again, so
+    refused input leaves nothing behind (docs/reliability.md); other failures keep it, with the log."""
+    import shutil
+    import traceback
+
+    from rich.console import Console
+
+    log = RunLog(run_dir / "run.log", Console(stderr=True, quiet=quiet, soft_wrap=True))
+    try:
+        return body(log)
+    except InputError:
+        log.close()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    except BaseException as exc:
+        log.to_file(f"failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        raise
+    finally:
+        log.close()
 
 
 # ---------------------------------------------------------------------------------------------- merge runs
@@ -290,5 +327,6 @@ def benchmark_spec(cfg: RunConfig):
     return spec
 
 
-__all__ = ["RunLog", "benchmark_spec", "default_run_dir", "environment", "git_commit", "merge_markdown",
-           "merge_plot", "resolve_device", "run_merges", "start_run", "task_vector_stats"]
+__all__ = ["RunLog", "benchmark_spec", "default_run_dir", "environment", "git_commit", "logged_run",
+           "merge_markdown", "merge_plot", "resolve_device", "run_merges", "start_command_run", "start_run",
+           "task_vector_stats"]

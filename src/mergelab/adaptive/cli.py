@@ -59,14 +59,19 @@ def adapt(
         raise InputError(f"--threads {threads}: expected a positive integer")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
-    run(method=method, benchmark=benchmark, steps=steps, out=out, lr=lr, seed=seed, task_layer=task_layer,
-        loss=loss, clamp=not no_clamp, adapt_split=adapt_split, cache=cache, save_models=save_models,
-        evaluate=not no_eval, quiet=quiet, threads=threads)
+    from ..runs import logged_run, start_command_run
+
+    options = dict(method=method, benchmark=benchmark, steps=steps, out=out, lr=lr, seed=seed, task_layer=task_layer,
+                   loss=loss, clamp=not no_clamp, adapt_split=adapt_split, cache=cache, save_models=save_models,
+                   evaluate=not no_eval, threads=threads)
+    created = not out.exists()
+    start_command_run(out, "adapt", options)
+    logged_run(out, quiet, lambda log: run(**options, quiet=quiet, console=log), created=created)
 
 
 def run(*, method: str, benchmark: str, steps: int | None, out: Path, lr: float | None, seed: int, task_layer: str,
         loss: str, clamp: bool, adapt_split: str, cache: Path | None, save_models: bool, evaluate: bool,
-        quiet: bool, threads: int | None = None) -> dict:
+        quiet: bool, threads: int | None = None, console=None) -> dict:
     import torch
     from rich.console import Console
 
@@ -78,7 +83,7 @@ def run(*, method: str, benchmark: str, steps: int | None, out: Path, lr: float 
 
     if threads:
         torch.set_num_threads(threads)
-    console = Console(stderr=True, quiet=quiet)
+    console = console or Console(stderr=True, quiet=quiet)
     spec = get_benchmark(benchmark)
     t0 = time.perf_counter()
     ctx = load_context(spec, cache_dir=cache, progress=not quiet, console=console)

@@ -106,6 +106,8 @@ def routing_weights(s: Tensor, temperature: float) -> Tensor:
     _positive("temperature", temperature)
     if s.shape[-1] == 1:
         return torch.ones_like(s)
+    if s.numel() == 0:  # no sample (an empty batch): nothing to standardise
+        return torch.empty_like(s)
     z = (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True, unbiased=False) + 1e-8)
     return torch.softmax(-z / temperature, dim=-1)
 

@@ -37,7 +37,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise InputError(f"device {device!r} is not a torch device (expected auto, cpu, cuda, cuda:N)") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but this machine has no CUDA device")
+        raise InputError(f"device: {device!r} asked for, but torch sees no CUDA device; use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device: {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"device: {device!r} asked for, but torch sees no MPS device; use cpu or auto")
     return dev
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .. import kernels
 from ..errors import InputError
 from ..statedict import StateDict, TaskVector, combine, task_vectors
 
@@ -106,7 +107,11 @@ def merge(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], 
 
     >>> merged = merge("ties", pre, {"a": sd_a, "b": sd_b}, density=0.2)  # doctest: +SKIP
     """
-    return plan(method, pretrained, experts, **params).apply(pretrained)
+    merged = plan(method, pretrained, experts, **params).apply(pretrained)
+    for key, t in merged.items():
+        if t.is_floating_point():
+            kernels.require_finite_result(key, t, f"merge {method!r} with parameters {params!r}")
+    return merged
 
 
 # ---------------------------------------------------------------- parameter checks

@@ -53,6 +53,7 @@ class Pipeline:
     ties: bool = False
     density: float = 1.0
     scope: str = "global"
+    label: str = ""  # "merge 'ties' with parameters {...}", for error messages
 
     @property
     def trims(self) -> bool:
@@ -66,15 +67,16 @@ class Pipeline:
         plan = info.fn({t: TaskVector({}) for t in tasks}, **params)
         coeffs = tuple(plan.coefficients[t] for t in tasks)
         p = plan.params
+        label = f"merge {method!r} with parameters {dict(params)!r}"
         if plan.method in ("average", "task_arithmetic"):
-            return cls(coeffs)
+            return cls(coeffs, label=label)
         if plan.method == "ties":
-            return cls(coeffs, ties=True, density=p["density"], scope=p["scope"])
+            return cls(coeffs, ties=True, density=p["density"], scope=p["scope"], label=label)
         if plan.method == "dare_task_arithmetic":
-            return cls(coeffs, drop_rate=p["drop_rate"], seed=p["seed"])
+            return cls(coeffs, drop_rate=p["drop_rate"], seed=p["seed"], label=label)
         if plan.method == "dare_ties":
             return cls(coeffs, drop_rate=p["drop_rate"], seed=p["seed"], ties=True,
-                       density=p["density"], scope=p["scope"])
+                       density=p["density"], scope=p["scope"], label=label)
         raise InputError(f"method {method!r} cannot be streamed yet; merge in memory (without --stream)")
 
 
@@ -213,7 +215,9 @@ class StreamMerger:
                 if thresholds is not None:
                     taus = [kernels.trim(v, thr) for v, thr in zip(taus, thresholds)]
                 taus = kernels.disjoint_parts(taus, kernels.elect_sign(taus))
-            return kernels.combine_tensor(p, zip(pipe.coefficients, taus)).to(p.dtype)
+            out = kernels.combine_tensor(p, zip(pipe.coefficients, taus)).to(p.dtype)
+            kernels.require_finite_result(key, out, pipe.label)
+            return out
 
         writer.begin(key)
         for out in self._map(self._jobs(key), merged):
