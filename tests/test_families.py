@@ -510,6 +510,25 @@ def test_torch_family_through_pool(torch_pool) -> None:
     _check_symerge(pool, batch_size=16)
 
 
+def test_representation_probes_on_a_family_that_learns_its_width(torch_pool) -> None:
+    """The torch family knows its probe width only after a forward (hidden_size -1): the probe analyses
+    size their buffers from the first probe. Probes equal one family.probe call per model."""
+    from mergelab.analysis.representations import collect_probes
+
+    _, pool = torch_pool
+    assert pool.family.hidden_size == -1 or pool.family.hidden_size == 8
+    merged = make_plan("task_arithmetic", pool.pretrained, pool.experts, scaling=0.3).apply(pool.pretrained)
+    params = {"merged": merged, "pretrained": pool.pretrained, **pool.experts}
+    inputs = {t: pool.inputs(t) for t in pool.tasks}
+    probes = collect_probes(pool.family, params, inputs, batch_size=4)
+    layers = list(range(pool.family.n_layers + 1))
+    for name in ("merged", "b"):
+        want = pool.family.probe(pool.family.tokenize([x for t in pool.tasks for x in inputs[t]]), params[name], layers)
+        assert probes.reps[name].shape == (len(layers), 30, 8)
+        for layer in layers:
+            assert _rel(probes.reps[name][layer], want[layer]) < 1e-6
+
+
 def test_torch_family_errors(tmp_path, torch_pool) -> None:
     _, pool = torch_pool
     with pytest.raises(InputError, match="no callable 'nope'"):

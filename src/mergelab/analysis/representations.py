@@ -58,20 +58,23 @@ def collect_probes(
     texts = [x for t in tasks for x in texts_by_task[t]]
     task_of = torch.tensor([i for i, t in enumerate(tasks) for _ in texts_by_task[t]])
     layers = list(range(family.n_layers + 1))
-    out = {n: torch.empty(len(layers), len(texts), family.hidden_size) for n in need}
+    out: dict[str, Tensor] = {}  # allocated from the first probe: a torch-module family learns its width there
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(texts) * len(need), desc="probing", unit="ex", leave=False)
     for start in range(0, len(texts), batch_size):
-        batch = family.tokenize(texts[start : start + batch_size])
+        chunk = texts[start : start + batch_size]
+        batch = family.tokenize(chunk)
         for n in need:
             got = family.probe(batch, params[n], layers)
+            if n not in out:
+                out[n] = torch.empty(len(layers), len(texts), got[layers[0]].shape[-1])
             for layer in layers:
-                out[n][layer, start : start + batch["input_ids"].shape[0]] = got[layer].cpu()
+                out[n][layer, start : start + len(chunk)] = got[layer].cpu()
             if bar is not None:
-                bar.update(batch["input_ids"].shape[0])
+                bar.update(len(chunk))
     if bar is not None:
         bar.close()
     return Probes(tasks, out, task_of)

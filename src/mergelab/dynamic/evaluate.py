@@ -41,11 +41,13 @@ def evaluate_se(
         bar = tqdm(total=sum(len(s) for s in splits.values()), desc=f"{label} ({mode})", unit="ex", leave=False)
     for task, split in splits.items():
         correct = 0
-        keep = torch.empty(len(split), family.hidden_size) if features_out is not None else None
+        keep: Tensor | None = None  # [N, feature size], allocated from the first batch's features
         for idx in iter_batches(split.texts, batch_size):
             batch = family.tokenize([split.texts[i] for i in idx])
             feats, routing = se.features(batch, mode)
-            if keep is not None:
+            if features_out is not None:
+                if keep is None:
+                    keep = torch.empty(len(split), feats.shape[-1])
                 keep[torch.tensor(idx)] = feats.detach().float().cpu()
             pred = heads[task](feats).argmax(-1).cpu()
             correct += int((pred == torch.tensor([split.labels[i] for i in idx])).sum())
