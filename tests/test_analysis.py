@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -92,15 +93,29 @@ def test_evaluate_se_routing_summary_is_consistent(ctx) -> None:
     assert sum(map(sum, routing["confusion"])) == 30
 
 
-@pytest.mark.parametrize("kind", ["routing", "probe-sweep", "cost", "se-select", "lowrank"])
+@pytest.mark.parametrize("kind", ["routing", "probe-sweep", "cost", "se-select", "lowrank", "fast-groups"])
 def test_run_analysis_writes_json_and_pngs(ctx, tmp_path: Path, kind: str) -> None:
     files = run_analysis(kind, ctx, tmp_path, config=RouterConfig(layer=1), n_per_task=6, n_calib=4, layers=[1, 2],
-                         temperatures=(0.3,), masses=(1.0,), ranks=(1, 64), progress=False)
+                         temperatures=(0.3,), masses=(1.0,), ranks=(1, 64), groups_per_task=(1, 2), progress=False)
     assert files["json"].is_file()
     pngs = [p for k, p in files.items() if k != "json"]
     assert pngs
     for p in pngs:
         assert p.read_bytes()[:8] == PNG and p.stat().st_size > 2000
+    if kind == "fast-groups":
+        study = json.loads(files["json"].read_text())
+        rows = {r["name"]: r for r in study["fast"]}
+        assert list(rows) == ["prototype groups", "quantized, 1 per task", "quantized, 2 per task"]
+        assert rows["prototype groups"]["n_models"] == 3  # one per task
+        assert 1 <= rows["quantized, 1 per task"]["n_models"] <= 3 and rows["quantized, 2 per task"]["n_models"] <= 6
+        assert study["static"]["ratio_to_static"] == 1.0
+    if kind == "probe-sweep":
+        rows = json.loads(files["json"].read_text())
+        assert [r["layer"] for r in rows] == [1, 2]
+        for r in rows:
+            assert {"exact", "fast", "fast_prototype_groups"} <= set(r)
+            # every path routes with the same prototypes here (the default rule), so the same routing accuracy
+            assert r["fast"]["routing_accuracy"] == pytest.approx(r["fast_prototype_groups"]["routing_accuracy"])
 
 
 def test_lowrank_study_full_rank_matches_exact(ctx) -> None:

@@ -217,11 +217,11 @@ def test_se_merging_modes_agree_with_their_references(setup) -> None:
 def test_fast_grouped_path_against_per_sample_reference(setup) -> None:
     family, pre, experts = setup
     plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)
-    se = SEMerging(family, pre, plan, experts, RouterConfig(layer=2, temperature=0.3, mass=1.0))
+    se = SEMerging(family, pre, plan, experts, RouterConfig(layer=2, temperature=0.3, mass=1.0), groups="prototype")
     protos = se.calibrate({"a": TEXTS[:2], "b": TEXTS[2:5], "c": TEXTS[5:]})
     batch = family.tokenize(TEXTS)
     feats, routing = se.features(batch, "fast")
-    # the group coefficients: equations (3)-(5) for a sample sitting on each prototype, by hand
+    # groups="prototype": equations (3)-(5) for a sample sitting on each prototype, by hand
     d = torch.cdist(protos, protos)
     z = (d - d.mean(-1, keepdim=True)) / (d.std(-1, keepdim=True, unbiased=False) + 1e-8)
     w = torch.softmax(-z / 0.3, -1)
@@ -235,6 +235,71 @@ def test_fast_grouped_path_against_per_sample_reference(setup) -> None:
         theta = combine(pre, plan.vectors, {t: float(q[chosen[b], i]) for i, t in enumerate(TASKS)})
         assert _rel(feats[b : b + 1], family.features(single, theta)) < 1e-5
         assert torch.allclose(routing.coefficients[b], q[chosen[b]])
+
+
+def _calibration_coefficients(se, family, texts, temperature, mass):
+    """Equations (3)-(5) under the prototype rule for each text, from the static merge's probe, by hand."""
+    m = family.probe(family.tokenize(texts), se.static, [se.config.layer])[se.config.layer]
+    d = torch.cdist(m, se.prototypes)
+    z = (d - d.mean(-1, keepdim=True)) / (d.std(-1, keepdim=True, unbiased=False) + 1e-8)
+    w = torch.softmax(-z / temperature, -1)
+    return mass * 0.9 * w * 0.3 / (w * 0.3).sum(-1, keepdim=True)
+
+
+def test_coefficient_codebook_by_hand() -> None:
+    from mergelab.dynamic.router import coefficient_codebook
+
+    x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.5, 0.5]])
+    chosen = torch.tensor([0, 0, 1, 1, 0])
+    fallback = torch.zeros(2, 2)
+    # two codes: the means per routed task, [0.8, 0.2] and [0.05, 0.95]; (0.5, 0.5) is nearer the first
+    two = coefficient_codebook(x, chosen, 2, fallback)
+    assert torch.allclose(two, torch.tensor([[0.8, 0.2], [0.05, 0.95]]))
+    # three: (0.5, 0.5) is the farthest from those two and becomes a code; Lloyd then moves code 0 to
+    # the mean of (1, 0) and (0.9, 0.1)
+    three = coefficient_codebook(x, chosen, 3, fallback)
+    assert torch.allclose(three, torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.5, 0.5]]))
+    # no code beyond the distinct vectors; a task no sample was routed to starts at its fallback row
+    assert len(coefficient_codebook(x, chosen, 50, fallback)) == 5
+    one_task = coefficient_codebook(x[:2], torch.tensor([0, 0]), 2, torch.tensor([[0.0, 0.0], [0.2, 0.8]]))
+    assert torch.allclose(one_task, torch.tensor([[0.95, 0.05]]))  # the fallback code drew no vector: dropped
+
+
+def test_fast_quantized_groups(setup) -> None:
+    """The default fast path: a k-means codebook of the calibration texts' own coefficients; each sample runs
+    through the merge of the code nearest its coefficients."""
+    family, pre, experts = setup
+    plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)
+    calib = {"a": TEXTS[:3], "b": TEXTS[3:6], "c": TEXTS[6:]}
+    se = SEMerging(family, pre, plan, experts, RouterConfig(layer=1, temperature=0.5, mass=0.8), groups_per_task=1)
+    se.calibrate(calib)
+    c = _calibration_coefficients(se, family, TEXTS, 0.5, 0.8)
+    codes = se.group_coefficients()
+    assert codes.shape == (3, 3)
+    # Lloyd's fixed point: every code is the mean of the calibration vectors nearest to it
+    near = torch.cdist(c, codes).argmin(1)
+    for k in range(len(codes)):
+        if (near == k).any():
+            assert torch.allclose(codes[k], c[near == k].mean(0), atol=1e-5)
+    batch = family.tokenize(TEXTS)
+    feats, routing = se.features(batch, "fast")
+    for b in range(len(TEXTS)):
+        theta = combine(pre, plan.vectors, {t: float(codes[near[b], i]) for i, t in enumerate(TASKS)})
+        assert _rel(feats[b : b + 1], family.features(family.tokenize([TEXTS[b]]), theta)) < 1e-5
+        assert torch.allclose(routing.coefficients[b], codes[near[b]])
+    # with as many codes as calibration texts the quantisation is lossless on them: the fast path equals the
+    # exact per-sample forward under the same (prototype) routing
+    se_all = SEMerging(family, pre, plan, experts, RouterConfig(layer=1, temperature=0.5, mass=0.8), groups_per_task=4)
+    se_all.calibrate(calib)
+    assert len(se_all.group_coefficients()) == len(TEXTS)
+    fast, froute = se_all.features(batch, "fast")
+    exact, eroute = se_all.features(batch, "prototype-exact")
+    assert torch.allclose(froute.coefficients, eroute.coefficients, atol=1e-5)
+    assert _rel(fast, exact) < 1e-5
+    with pytest.raises(InputError, match="groups_per_task"):
+        SEMerging(family, pre, plan, experts, groups_per_task=0)
+    with pytest.raises(InputError, match="groups must be one of"):
+        SEMerging(family, pre, plan, experts, groups="kmeans")
 
 
 def test_fast_path_needs_calibration(setup) -> None:

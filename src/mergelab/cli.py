@@ -292,7 +292,7 @@ def bench(
 @app.command()
 @input_errors_exit_2
 def analyze(
-    kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select | lowrank"),
+    kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select | lowrank | fast-groups"),
     benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark whose experts to analyse."),
     out: Path = typer.Option(Path("runs/analysis"), "--out", "-o", help="Folder for the JSON and PNG files."),
     cache: Path | None = typer.Option(None, "--cache", help="Expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)."),
@@ -303,6 +303,7 @@ def analyze(
     n_per_task: int = typer.Option(100, "--n-per-task", help="Validation samples per task to analyse."),
     layers: list[int] | None = typer.Option(None, "--layers", help="probe-sweep: layers to sweep (repeatable)."),
     ranks: list[int] | None = typer.Option(None, "--ranks", help="lowrank: task-vector ranks to try (repeatable; default 4 16 64)."),
+    groups_per_task: list[int] | None = typer.Option(None, "--groups-per-task", help="fast-groups: quantized merged models per task to try (repeatable; default 1 2 3 4)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """SE-Merging analyses on a benchmark's validation split: JSON and PNG plots.
@@ -312,6 +313,8 @@ def analyze(
     probe-sweep: SE-Merging accuracy and cost per probe layer. cost: time per sample of the static
     model, SE-Merging reference / exact / fast / lowrank and an ensemble. se-select: the default-choosing
     study. lowrank: accuracy and cost of the low-rank per-sample forward per rank (--ranks).
+    fast-groups: accuracy and cost of the fast path's merged models, one per task at its prototype or
+    quantized per-sample coefficients (--groups-per-task).
 
     Example:
 
@@ -332,16 +335,19 @@ def analyze(
     _check_probe_layers(spec, [cfg.layer, *(layers or [])])
     if ranks and any(r < 1 for r in ranks):
         raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
+    if groups_per_task and any(g < 1 for g in groups_per_task):
+        raise InputError(f"--groups-per-task must be positive integers, got {list(groups_per_task)}")
+    group_list = tuple(groups_per_task) if groups_per_task else (1, 2, 3, 4)
     rank_list = tuple(ranks) if ranks else (4, 16, 64)
     created = not out.exists()
     start_command_run(out, "analyze", {
         "kind": kind, "benchmark": spec.name, "cache": cache, "router": cfg.to_dict(), "n_per_task": n_per_task,
-        "layers": list(layers) if layers else None, "ranks": list(rank_list)})
+        "layers": list(layers) if layers else None, "ranks": list(rank_list), "groups_per_task": list(group_list)})
 
     def body(log):
         ctx = load_context(spec, cache_dir=cache, progress=not quiet, console=log)
         files = run_analysis(kind, ctx, out, config=cfg, n_per_task=n_per_task, layers=layers, ranks=rank_list,
-                             progress=not quiet)
+                             groups_per_task=group_list, progress=not quiet)
         for name, path in files.items():
             log.to_file(f"{name}: {path}")
         return files

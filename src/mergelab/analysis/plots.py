@@ -81,9 +81,10 @@ def probe_sweep_plot(sweep: list[Mapping], path: str | Path, static_average: flo
     plt = _plt()
     layers = [r["layer"] for r in sweep]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode in ("exact", "fast"):
-        a1.plot(layers, [100 * r[mode]["average"] for r in sweep], marker="o", label=f"SE-Merging {mode}")
-        a2.plot(layers, [1000 * r[mode]["seconds_per_sample"] for r in sweep], marker="o", label=mode)
+    for mode in [m for m in ("exact", "fast", "fast_prototype_groups") if m in sweep[0]]:
+        label = mode.replace("_", " ")
+        a1.plot(layers, [100 * r[mode]["average"] for r in sweep], marker="o", label=f"SE-Merging {label}")
+        a2.plot(layers, [1000 * r[mode]["seconds_per_sample"] for r in sweep], marker="o", label=label)
     if static_average is not None:
         a1.axhline(100 * static_average, color="grey", ls="--", label="Task Arithmetic 0.3")
     a1.set_xlabel("probe layer")
@@ -111,6 +112,33 @@ def cost_plot(cost: Mapping, path: str | Path) -> Path:
     ax.set_ylabel("time per sample / static merged model")
     ax.set_title("inference cost relative to the static merged model (one run)", fontsize=10)
     ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fast_groups_plot(study: Mapping, path: str | Path) -> Path:
+    """Accuracy and cost of each way the fast path picks its merged models, with the exact path and the
+    static merge as horizontal references."""
+    plt = _plt()
+    rows = study["fast"]
+    names = [f"{r['name']}\n({r['n_models']} models)" for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    a1.bar(names, [100 * r["average"] for r in rows], color="tab:blue")
+    a1.axhline(100 * study["exact"]["average"], color="tab:green", ls="--", label="SE-Merging exact")
+    a1.axhline(100 * study["static"]["average"], color="grey", ls=":", label="static merge")
+    lo = min(100 * study["static"]["average"], *(100 * r["average"] for r in rows))
+    a1.set_ylim(lo - 3, None)
+    a2.bar(names, [r["ratio_to_static"] for r in rows], color="tab:orange")
+    a2.axhline(study["exact"]["ratio_to_static"], color="tab:green", ls="--", label="exact")
+    a2.axhline(1.0, color="grey", ls=":", label="static")
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", labelsize=7, rotation=15)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    a1.set_ylabel("average accuracy (%)")
+    a2.set_ylabel("time per sample / static merged model")
+    fig.suptitle(f"SE-Merging fast path: its merged models ({study['split']}, {study['n_per_task']} per task)",
+                 fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

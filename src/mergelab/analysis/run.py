@@ -10,9 +10,9 @@ from ..dynamic import NORMALISATIONS, RouterConfig
 from ..errors import InputError
 from ..io import atomic_write_text
 from . import plots
-from .se_study import cost_study, grid_study, lowrank_study, probe_study, probe_sweep
+from .se_study import cost_study, fast_groups_study, grid_study, lowrank_study, probe_study, probe_sweep
 
-KINDS = ("auto-adaptation", "routing", "probe-sweep", "cost", "se-select", "lowrank")
+KINDS = ("auto-adaptation", "routing", "probe-sweep", "cost", "se-select", "lowrank", "fast-groups")
 
 
 def _write(out: Path, name: str, data) -> Path:
@@ -23,7 +23,7 @@ def _write(out: Path, name: str, data) -> Path:
 def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None = None, n_per_task: int = 100,
                  n_calib: int = 32, layers: Sequence[int] | None = None, temperatures: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
                  masses: Sequence[float] = (0.4, 0.6, 1.0), ranks: Sequence[int] = (4, 16, 64),
-                 progress: bool = True) -> dict[str, Path]:
+                 groups_per_task: Sequence[int] = (1, 2, 3, 4), progress: bool = True) -> dict[str, Path]:
     """Run one analysis on the validation split of ``ctx`` (a :class:`~mergelab.benchmarks.run.BenchmarkContext`)."""
     if kind not in KINDS:
         raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
@@ -71,6 +71,13 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
         study = lowrank_study(ctx, ranks=ranks, config=cfg, n_per_task=n_per_task, n_calib=n_calib, progress=progress)
         files["json"] = _write(out, "lowrank.json", study)
         files["png"] = plots.lowrank_plot(study, out / "lowrank.png")
+    elif kind == "fast-groups":
+        if not groups_per_task or any(isinstance(g, bool) or int(g) != g or g < 1 for g in groups_per_task):
+            raise InputError(f"--groups-per-task must be positive integers, got {list(groups_per_task)}")
+        study = fast_groups_study(ctx, groups_per_task=[int(g) for g in groups_per_task], config=cfg,
+                                  n_per_task=n_per_task, n_calib=n_calib, progress=progress)
+        files["json"] = _write(out, "fast_groups.json", study)
+        files["png"] = plots.fast_groups_plot(study, out / "fast_groups.png")
     else:
         cost = cost_study(ctx, n_samples=max(5, n_per_task), config=cfg)
         files["json"] = _write(out, "cost.json", cost)

@@ -92,7 +92,9 @@ def grid_study(ctx, *, layer: int, normalisation: str, temperatures: Sequence[fl
 @torch.no_grad()
 def probe_sweep(ctx, *, layers: Sequence[int], config: RouterConfig | None = None, split: str = "validation",
                 n_per_task: int = 60, n_calib: int = 32, batch_size: int = 64, progress: bool = False) -> list[dict]:
-    """Accuracy and seconds per sample of SE-Merging (exact, and fast) for each probe layer."""
+    """Accuracy and seconds per sample of SE-Merging for each probe layer: the exact path, the fast path
+    (``fast``: quantized groups, the default) and the fast path with one group per task at its prototype
+    (``fast_prototype_groups``)."""
     from ..dynamic.evaluate import evaluate_se
 
     base_cfg = config or RouterConfig()
@@ -103,15 +105,70 @@ def probe_sweep(ctx, *, layers: Sequence[int], config: RouterConfig | None = Non
         row: dict = {"layer": layer}
         se = se_model(ctx, config=RouterConfig(**{**base_cfg.to_dict(), "layer": layer}))
         se.calibrate(_texts(ctx, split, 0, n_calib))
-        for mode in ("exact", "fast"):
+        for name, mode, groups in (("exact", "exact", None), ("fast", "fast", "quantized"),
+                                   ("fast_prototype_groups", "fast", "prototype")):
+            se.groups = groups or se.groups
             t0 = time.perf_counter()
             acc, routing = evaluate_se(se, ctx.heads, data, mode=mode, batch_size=batch_size, progress=progress,
                                        label=f"layer {layer}")
-            row[mode] = {"average": sum(acc.values()) / len(acc), "per_task": acc,
+            row[name] = {"average": sum(acc.values()) / len(acc), "per_task": acc,
                          "routing_accuracy": routing["routing_accuracy"],
                          "seconds_per_sample": (time.perf_counter() - t0) / n}
         out.append(row)
     return out
+
+
+def _routed_batches(ctx, se: SEMerging, data, batch_size: int) -> list[tuple]:
+    """``(task, batch, labels, routing)`` for every batch of ``data``, routed once by ``se``."""
+    out = []
+    for task, sub in data.items():
+        for idx in iter_batches(sub.texts, batch_size):
+            b = ctx.family.tokenize([sub.texts[i] for i in idx])
+            out.append((task, b, torch.tensor([sub.labels[i] for i in idx]), se.route(b), len(idx)))
+    return out
+
+
+def _timing_batches(ctx, se: SEMerging, data, batch_size: int, n_batches: int) -> list[tuple]:
+    """``n_batches`` batches for timing, evenly spaced among the length-sorted batches of every task's texts
+    pooled: tasks mixed as in a stream of inputs, short and long texts both (the first batches alone
+    would be the shortest texts). Same tuple shape as :func:`_routed_batches`, without task and labels."""
+    texts = [x for sub in data.values() for x in sub.texts]
+    all_idx = list(iter_batches(texts, batch_size))
+    pick = sorted({round(i * (len(all_idx) - 1) / max(1, n_batches - 1)) for i in range(n_batches)})
+    out = []
+    for j in pick:
+        b = ctx.family.tokenize([texts[i] for i in all_idx[j]])
+        out.append((None, b, None, se.route(b), len(all_idx[j])))
+    return out
+
+
+def _compare_paths(ctx, paths: dict, batches: list[tuple], data, *, timing: list[tuple], repeats: int) -> tuple:
+    """Accuracy per task of each ``paths[name](batch, routing) -> features`` on ``batches``, and its seconds
+    per sample on ``timing`` (:func:`_timing_batches`): the paths interleaved over ``repeats`` rounds,
+    median, each after a warm-up call (which also builds what a path caches)."""
+    acc = {}
+    for name, fn in paths.items():
+        correct = dict.fromkeys(data, 0)
+        for task, b, y, routing, _n in batches:
+            correct[task] += int((ctx.heads[task](fn(b, routing)).argmax(-1).cpu() == y).sum())
+        acc[name] = {t: correct[t] / len(data[t]) for t in data}
+    n_timed = sum(n for *_, n in timing)
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            fn(timing[0][1], timing[0][3])
+            t0 = time.perf_counter()
+            for _task, b, _y, r, _n in timing:
+                fn(b, r)
+            times[name].append((time.perf_counter() - t0) / n_timed)
+    sec = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+    def summary(name: str) -> dict:
+        a = acc[name]
+        return {"average": sum(a.values()) / len(a), "per_task": a, "seconds_per_sample": sec[name],
+                "ratio_to_static": sec[name] / sec["static"]}
+
+    return summary, n_timed
 
 
 @torch.no_grad()
@@ -121,24 +178,13 @@ def lowrank_study(ctx, *, ranks: Sequence[int] = (4, 16, 64), config: RouterConf
     """The low-rank lever of the per-sample forward: for each rank r, the validation accuracy of
     SE-Merging's ``"lowrank"`` mode against the exact path (same routing, computed once per batch), the
     relative Frobenius error of the rank-r task vectors, and seconds per sample next to the static merge
-    and the exact path: the paths interleaved over ``repeats`` rounds on the first ``timing_batches``
-    batches, median (this machine is shared: ratios within one run, not absolute times)."""
+    and the exact path: the paths interleaved over ``repeats`` rounds on ``timing_batches`` batches of
+    mixed tasks, median (this machine is shared: ratios within one run, not absolute times)."""
     se = se_model(ctx, config=config)
     if se.config.normalisation == "prototype":
         se.calibrate(_texts(ctx, split, 0, n_calib))
     data = _subsplits(ctx, split, n_calib, n_per_task)
-    heads, family = ctx.heads, ctx.family
-    batches = []  # (task, batch, labels, routing)
-    for task, sub in data.items():
-        for idx in iter_batches(sub.texts, batch_size):
-            b = family.tokenize([sub.texts[i] for i in idx])
-            batches.append((task, b, torch.tensor([sub.labels[i] for i in idx]), se.route(b)))
-
-    def run(fn) -> dict[str, float]:
-        correct = dict.fromkeys(data, 0)
-        for task, b, y, routing in batches:
-            correct[task] += int((heads[task](fn(b, routing)).argmax(-1).cpu() == y).sum())
-        return {t: correct[t] / len(data[t]) for t in data}
+    batches = _routed_batches(ctx, se, data, batch_size)
 
     def lowrank(rank):
         def fn(b, r):
@@ -146,38 +192,60 @@ def lowrank_study(ctx, *, ranks: Sequence[int] = (4, 16, 64), config: RouterConf
             return se.features(b, "lowrank", routing=r)[0]
         return fn
 
-    paths = {"static": lambda b, r: family.features(b, se.static),
+    paths = {"static": lambda b, r: ctx.family.features(b, se.static),
              "exact": lambda b, r: se.features(b, "exact", routing=r)[0],
              **{f"rank {rank}": lowrank(rank) for rank in ranks}}
-    acc = {name: run(fn) for name, fn in paths.items()}
+    timing = _timing_batches(ctx, se, data, batch_size, timing_batches)
+    summary, n_timed = _compare_paths(ctx, paths, batches, data, timing=timing, repeats=repeats)
     errors = {}
     for rank in ranks:
         se.lowrank_rank = int(rank)
         errors[rank] = se.low_rank_factors()[1]
-    # timing: the paths interleaved over `repeats` rounds on the first batches (median), factors built
-    timing = batches[:timing_batches]
-    n_timed = sum(int(b[1]["input_ids"].shape[0]) for b in timing)
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(repeats):
-        for name, fn in paths.items():
-            fn(timing[0][1], timing[0][3])  # warm-up (and the rank's factors, cached per rank below)
-            t0 = time.perf_counter()
-            for _task, b, _y, r in timing:
-                fn(b, r)
-            times[name].append((time.perf_counter() - t0) / n_timed)
-    sec = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-
-    def summary(name, **extra):
-        a = acc[name]
-        return {"average": sum(a.values()) / len(a), "per_task": a, "seconds_per_sample": sec[name],
-                "ratio_to_static": sec[name] / sec["static"], **extra}
-
     rows = [{"rank": int(rank), **summary(f"rank {rank}"),
              "relative_error_mean": sum(errors[rank].values()) / max(1, len(errors[rank]))} for rank in ranks]
     return {
         "split": split, "n_per_task": n_per_task, "router": se.config.to_dict(), "threads": torch.get_num_threads(),
         "timed_samples": n_timed, "repeats": repeats,
         "static": summary("static"), "exact": summary("exact"), "lowrank": rows,
+    }
+
+
+@torch.no_grad()
+def fast_groups_study(ctx, *, groups_per_task: Sequence[int] = (1, 2, 3, 4), config: RouterConfig | None = None,
+                      split: str = "validation", n_per_task: int = 100, n_calib: int = 32, batch_size: int = 64,
+                      repeats: int = 3, timing_batches: int = 3, progress: bool = False) -> dict:
+    """How the fast path picks its merged models: validation accuracy and seconds per sample of the fast
+    path with one group per task at its prototype (``groups="prototype"``) and with quantized groups
+    (``groups="quantized"``, up to ``g * T`` codes for each ``g`` in ``groups_per_task``), next to the
+    static merge and the exact path (same routing rule), timed interleaved like :func:`lowrank_study`."""
+    se = se_model(ctx, config=config)
+    se.calibrate(_texts(ctx, split, 0, n_calib))
+    data = _subsplits(ctx, split, n_calib, n_per_task)
+    batches = _routed_batches(ctx, se, data, batch_size)
+
+    def fast(groups: str, g: int):
+        def fn(b, r):
+            se.groups, se.groups_per_task = groups, int(g)
+            return se.features(b, "fast")[0]
+        return fn
+
+    paths = {"static": lambda b, r: ctx.family.features(b, se.static),
+             "exact": lambda b, r: se.features(b, "exact", routing=r)[0],
+             "prototype groups": fast("prototype", 1),
+             **{f"quantized, {g} per task": fast("quantized", g) for g in groups_per_task}}
+    timing = _timing_batches(ctx, se, data, batch_size, timing_batches)
+    summary, n_timed = _compare_paths(ctx, paths, batches, data, timing=timing, repeats=repeats)
+    rows = []
+    for name in paths:
+        if name in ("static", "exact"):
+            continue
+        paths[name](batches[0][1], batches[0][3])  # sets the variant: its number of merged models
+        rows.append({"name": name, "groups": se.groups, "groups_per_task": se.groups_per_task,
+                     "n_models": len(se.group_coefficients()), **summary(name)})
+    return {
+        "split": split, "n_per_task": n_per_task, "n_calib": n_calib, "router": se.config.to_dict(),
+        "threads": torch.get_num_threads(), "timed_samples": n_timed, "repeats": repeats,
+        "static": summary("static"), "exact": summary("exact"), "fast": rows,
     }
 
 

@@ -129,6 +129,37 @@ def coefficients(config: RouterConfig, base: Sequence[float] | Tensor, **reps: T
     return s, w, rescale(w, base, config.mass)
 
 
+def coefficient_codebook(coefficients: Tensor, chosen: Tensor, n_codes: int, fallback: Tensor,
+                         iters: int = 100) -> Tensor:
+    """``[K, T]`` coefficient vectors that stand for the per-sample ones ``[N, T]`` of calibration samples.
+
+    Vector quantisation with k-means (Lloyd), deterministic: the first T codes start at the mean
+    coefficients of the samples routed to each task (``chosen``; ``fallback[t]`` when none is), the
+    rest at the calibration vectors farthest from the codes so far (farthest-point seeding). Codes left
+    without a calibration vector are dropped. The fast path runs each sample through the merge of its
+    nearest code, so K merged models serve all samples.
+    """
+    x = coefficients.float()
+    T = x.shape[1]
+    codes = torch.stack([x[chosen == t].mean(0) if bool((chosen == t).any()) else fallback[t].float()
+                         for t in range(T)])
+    while len(codes) < n_codes:
+        far = torch.cdist(x, codes).min(1).values
+        if float(far.max()) <= 1e-7:  # every calibration vector is a code already
+            break
+        codes = torch.cat([codes, x[far.argmax()][None]])
+    assign = None
+    for _ in range(iters):
+        new_assign = torch.cdist(x, codes).argmin(1)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        codes = torch.stack([x[assign == k].mean(0) if bool((assign == k).any()) else codes[k]
+                             for k in range(len(codes))])
+    used = torch.cdist(x, codes).argmin(1).unique()  # a code no calibration vector is nearest to is dropped
+    return codes[used]
+
+
 def entropy(weights: Tensor) -> Tensor:
     """Entropy (nats) of each sample's routing weights."""
     return -(weights * weights.clamp_min(1e-12).log()).sum(-1)

@@ -42,6 +42,7 @@ from . import router as R
 from .router import RouterConfig
 
 MODES = ("reference", "exact", "fast", "single-pass", "prototype-exact", "lowrank")
+GROUP_RULES = ("quantized", "prototype")  # how the fast path picks its merged models (see group_coefficients)
 
 
 @dataclass
@@ -72,10 +73,18 @@ class SEMerging:
         experts: Mapping[str, StateDict],
         config: RouterConfig | None = None,
         lowrank_rank: int = 32,
+        groups_per_task: int = 2,
+        groups: str = "quantized",
     ) -> None:
         if int(lowrank_rank) < 1:
             raise InputError(f"lowrank_rank must be at least 1, got {lowrank_rank}")
+        if isinstance(groups_per_task, bool) or not isinstance(groups_per_task, int) or groups_per_task < 1:
+            raise InputError(f"groups_per_task must be a positive integer, got {groups_per_task!r}")
+        if groups not in GROUP_RULES:
+            raise InputError(f"groups must be one of {GROUP_RULES}, got {groups!r}")
         self.lowrank_rank = int(lowrank_rank)
+        self.groups_per_task = groups_per_task
+        self.groups = groups
         self.family = family
         self.config = config or RouterConfig()
         family.check_layer(self.config.layer)
@@ -124,17 +133,19 @@ class SEMerging:
         if missing:
             raise InputError(f"calibration needs texts for every task; none for {missing}")
         layer = self.config.layer
-        protos = []
+        protos, reps = [], []
         for t in self.tasks:
             texts = list(texts_by_task[t])
-            acc = torch.zeros((), device=self.family.device)
+            parts = []
             for start in range(0, len(texts), batch_size):
                 batch = self.family.tokenize(texts[start : start + batch_size])
-                acc = acc + self.family.probe(batch, self.static, [layer])[layer].sum(0)
-            protos.append(acc / len(texts))
+                parts.append(self.family.probe(batch, self.static, [layer])[layer].float())
+            reps.append(torch.cat(parts))
+            protos.append(reps[-1].mean(0))
         self.prototypes = torch.stack(protos)
+        self._calibration = torch.cat(reps)  # the static merge's probe representations, for the codebook
         self._prototype_layer = layer
-        self.__dict__.pop("_group_cache", None)  # merged models of the old prototypes' groups
+        self.__dict__.pop("_group_cache", None)  # merged models of the old calibration's groups
         return self.prototypes
 
     def _need_prototypes(self, layer: int | None = None) -> Tensor:
@@ -189,39 +200,61 @@ class SEMerging:
             return self.family.features(batch, self.static)
 
     def group_coefficients(self) -> Tensor:
-        """``[T, T]``: row t is the coefficient vector of every sample the fast path routes to task t.
+        """``[K, T]``: the coefficient vectors of the fast path's K merged models (one per group of samples).
 
-        It is what equations (3)-(5) give a sample sitting exactly on task t's prototype: scores
-        ``||mu_t - mu_s||`` over the prototypes s, standardised, softmax with the temperature, rescaled.
+        ``groups="quantized"`` (default): a k-means codebook (:func:`~mergelab.dynamic.router.coefficient_codebook`)
+        of the per-sample coefficients that equations (3)-(5) give the calibration texts under the
+        prototype rule, ``K = groups_per_task * T`` codes at most. Each sample then runs through the merge
+        of the code nearest to its own coefficients: the exact path's coefficients, rounded to K values.
+        ``groups="prototype"``: K = T; row t is what a sample sitting exactly on task t's prototype gets
+        (scores ``||mu_t - mu_s||`` over the prototypes s, standardised, softmax, rescaled), and a sample
+        goes to the row of its chosen task.
         """
         protos = self._need_prototypes()
-        w = R.routing_weights(torch.cdist(protos, protos), self.config.temperature)
-        return R.rescale(w, self.base, self.config.mass)
-
-    def _group_params(self, t: int) -> dict[str, Tensor]:
+        cfg = self.config
+        key = (self.groups, self.groups_per_task, cfg.temperature, cfg.mass)
         cache = self.__dict__.setdefault("_group_cache", {})
-        if t not in cache:
-            cache[t] = self.stacked.merged(self.pretrained, self.group_coefficients()[t])
-        return cache[t]
+        if cache.get("key") != key:
+            at_prototypes = R.rescale(R.routing_weights(torch.cdist(protos, protos), cfg.temperature), self.base, cfg.mass)
+            codes = at_prototypes
+            if self.groups == "quantized":
+                s = R.scores("prototype", self._calibration, prototypes=protos)
+                w = R.routing_weights(s, cfg.temperature)
+                codes = R.coefficient_codebook(R.rescale(w, self.base, cfg.mass), w.argmax(-1),
+                                               self.groups_per_task * len(self.tasks), at_prototypes)
+            cache.clear()
+            cache.update(key=key, codes=codes, models={})
+        return cache["codes"]
+
+    def _group_params(self, k: int) -> dict[str, Tensor]:
+        codes = self.group_coefficients()
+        models = self.__dict__["_group_cache"]["models"]
+        if k not in models:
+            models[k] = self.stacked.merged(self.pretrained, codes[k])
+        return models[k]
 
     def _grouped(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Routing]:
-        """The fast path: prototype routing from a static probe pass, then each group of samples routed to
-        the same task through one merged model (cached per task): no per-sample mixing at all."""
+        """The fast path: prototype routing from a static probe pass, then each group of samples through one
+        merged model of :meth:`group_coefficients` (cached): no per-sample mixing and no expert pass."""
         layer = self.config.layer
         merged = self.family.probe(batch, self.static, [layer])[layer]
         s = R.scores("prototype", merged, prototypes=self._need_prototypes())
         w = R.routing_weights(s, self.config.temperature)
-        chosen = w.argmax(-1)
-        q = self.group_coefficients()
+        codes = self.group_coefficients()
+        if self.groups == "quantized":
+            c = R.rescale(w, self.base, self.config.mass)
+            group = torch.cdist(c, codes.to(c.device)).argmin(-1)
+        else:
+            group = w.argmax(-1)
         feats: Tensor | None = None
-        for t in chosen.unique().tolist():
-            idx = (chosen == t).nonzero().squeeze(1)
+        for k in group.unique().tolist():
+            idx = (group == k).nonzero().squeeze(1)
             sub = self.family.subset(batch, idx)  # the group's rows, without padding they do not need
-            got = self.family.features(sub, self._group_params(t))
+            got = self.family.features(sub, self._group_params(k))
             if feats is None:
                 feats = torch.empty(merged.shape[0], got.shape[1], device=got.device, dtype=got.dtype)
             feats[idx] = got.to(feats.dtype)
-        return feats, Routing(s, w, q[chosen])
+        return feats, Routing(s, w, codes.to(w.device)[group])
 
     def _single_pass(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Routing]:
         protos = self._need_prototypes()
