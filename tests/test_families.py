@@ -527,6 +527,8 @@ def test_representation_probes_on_a_family_that_learns_its_width(torch_pool) -> 
         assert probes.reps[name].shape == (len(layers), 30, 8)
         for layer in layers:
             assert _rel(probes.reps[name][layer], want[layer]) < 1e-6
+    empty = collect_probes(pool.family, params, {t: [] for t in pool.tasks})  # no text: empty, not a KeyError
+    assert empty.reps["merged"].shape[:2] == (len(layers), 0)
 
 
 def test_torch_family_errors(tmp_path, torch_pool) -> None:

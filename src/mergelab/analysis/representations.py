@@ -77,6 +77,8 @@ def collect_probes(
                 bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    for n in need:  # no texts at all: empty probes (the width is unknown to a torch family, 0 is as good)
+        out.setdefault(n, torch.empty(len(layers), 0, max(int(family.hidden_size), 0)))
     return Probes(tasks, out, task_of)
 
 
