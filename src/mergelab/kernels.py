@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 # Slices of this many elements keep the per-slice temporaries of a merge in the CPU caches.
 CHUNK = 1 << 17
 
@@ -89,8 +91,6 @@ def require_finite_result(key: str, merged: Tensor, merge: str) -> None:
     """Refuse a merged tensor with NaN or Inf: the inputs were checked finite, so the parameters
     overflowed float32 (a huge scaling) or the output dtype (float16 tops out at 65504)."""
     if not all_finite(merged):
-        from .errors import InputError  # kernels stays free of package imports at module level
-
         raise InputError(
             f"{merge} produced non-finite values in key {key!r} "
             f"(overflow of {merged.dtype}); the coefficients scale the task vectors beyond what the "

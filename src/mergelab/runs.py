@@ -112,17 +112,23 @@ class RunLog:
         return getattr(self.console, name)
 
 
-def start_run(run_dir: str | Path, cfg: RunConfig, *, inputs=(), device: str = "cpu") -> Path:
-    """Create ``run_dir`` (never over an input) with ``config.yaml`` and ``environment.json``."""
+def _make_run_dir(run_dir: str | Path, what: str, inputs, device: str) -> Path:
+    """Create ``run_dir`` (never over an input, never over a file) with ``environment.json``."""
     run_dir = Path(run_dir)
     check_output_path(run_dir, inputs)
     if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"run directory {run_dir}: exists and is not a folder")
+        raise InputError(f"{what} {run_dir}: exists and is not a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "environment.json", json.dumps(environment(device), indent=2) + "\n")
+    return run_dir
+
+
+def start_run(run_dir: str | Path, cfg: RunConfig, *, inputs=(), device: str = "cpu") -> Path:
+    """Create ``run_dir`` (never over an input) with ``config.yaml`` and ``environment.json``."""
+    run_dir = _make_run_dir(run_dir, "run directory", inputs, device)
     atomic_write_text(run_dir / "config.yaml",
                       "# resolved configuration of this run (defaults filled in)\n"
                       + yaml.safe_dump(cfg.resolved_dict(), sort_keys=False, allow_unicode=True))
-    atomic_write_text(run_dir / "environment.json", json.dumps(environment(device), indent=2) + "\n")
     return run_dir
 
 
@@ -133,14 +139,9 @@ def start_command_run(run_dir: str | Path, command: str, options: Mapping[str, A
     ``options.json`` holds the command and every option with its default filled in, the counterpart of a
     config run's ``config.yaml``; ``environment.json`` is the same as there.
     """
-    run_dir = Path(run_dir)
-    check_output_path(run_dir, inputs)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"--out {run_dir}: exists and is not a folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _make_run_dir(run_dir, "--out", inputs, device)
     record = {"command": command, "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}}
     atomic_write_text(run_dir / "options.json", json.dumps(record, indent=2) + "\n")
-    atomic_write_text(run_dir / "environment.json", json.dumps(environment(device), indent=2) + "\n")
     return run_dir
 
 

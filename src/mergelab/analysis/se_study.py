@@ -119,7 +119,7 @@ def probe_sweep(ctx, *, layers: Sequence[int], config: RouterConfig | None = Non
 
 
 def _routed_batches(ctx, se: SEMerging, data, batch_size: int) -> list[tuple]:
-    """``(task, batch, labels, routing)`` for every batch of ``data``, routed once by ``se``."""
+    """``(task, batch, labels, routing, n)`` for every batch of ``data``, routed once by ``se``."""
     out = []
     for task, sub in data.items():
         for idx in iter_batches(sub.texts, batch_size):
@@ -223,25 +223,25 @@ def fast_groups_study(ctx, *, groups_per_task: Sequence[int] = (1, 2, 3, 4), con
     data = _subsplits(ctx, split, n_calib, n_per_task)
     batches = _routed_batches(ctx, se, data, batch_size)
 
-    def fast(groups: str, g: int):
+    variants = {"prototype groups": ("prototype", 1),
+                **{f"quantized, {g} per task": ("quantized", int(g)) for g in groups_per_task}}
+
+    def fast(variant: tuple[str, int]):
         def fn(b, r):
-            se.groups, se.groups_per_task = groups, int(g)
+            se.groups, se.groups_per_task = variant
             return se.features(b, "fast")[0]
         return fn
 
     paths = {"static": lambda b, r: ctx.family.features(b, se.static),
              "exact": lambda b, r: se.features(b, "exact", routing=r)[0],
-             "prototype groups": fast("prototype", 1),
-             **{f"quantized, {g} per task": fast("quantized", g) for g in groups_per_task}}
+             **{name: fast(v) for name, v in variants.items()}}
     timing = _timing_batches(ctx, se, data, batch_size, timing_batches)
     summary, n_timed = _compare_paths(ctx, paths, batches, data, timing=timing, repeats=repeats)
     rows = []
-    for name in paths:
-        if name in ("static", "exact"):
-            continue
-        paths[name](batches[0][1], batches[0][3])  # sets the variant: its number of merged models
-        rows.append({"name": name, "groups": se.groups, "groups_per_task": se.groups_per_task,
-                     "n_models": len(se.group_coefficients()), **summary(name)})
+    for name, (groups, g) in variants.items():
+        se.groups, se.groups_per_task = groups, g  # the variant's codebook: its number of merged models
+        rows.append({"name": name, "groups": groups, "groups_per_task": g, "n_models": len(se.group_coefficients()),
+                     **summary(name)})
     return {
         "split": split, "n_per_task": n_per_task, "n_calib": n_calib, "router": se.config.to_dict(),
         "threads": torch.get_num_threads(), "timed_samples": n_timed, "repeats": repeats,

@@ -98,6 +98,7 @@ class SEMerging:
         self.base = torch.tensor([float(plan.coefficients[t]) for t in self.tasks], dtype=torch.float32)
         self.static = plan.apply(self.pretrained)
         self.prototypes: Tensor | None = None
+        self._group_cache: dict = {}  # the fast path's codebook ("codes"), its merged bodies ("models"), "key"
         self._upper_keys = {k for k in self.stacked.tensors if family.layer_of_key(k) > self.config.layer}
 
     # ------------------------------------------------------------------ routing
@@ -145,7 +146,7 @@ class SEMerging:
         self.prototypes = torch.stack(protos)
         self._calibration = torch.cat(reps)  # the static merge's probe representations, for the codebook
         self._prototype_layer = layer
-        self.__dict__.pop("_group_cache", None)  # merged models of the old calibration's groups
+        self._group_cache.clear()  # the codebook and merged bodies of the old calibration
         return self.prototypes
 
     def _need_prototypes(self, layer: int | None = None) -> Tensor:
@@ -211,24 +212,21 @@ class SEMerging:
         goes to the row of its chosen task.
         """
         protos = self._need_prototypes()
-        cfg = self.config
+        cfg = self.with_config(normalisation="prototype")
         key = (self.groups, self.groups_per_task, cfg.temperature, cfg.mass)
-        cache = self.__dict__.setdefault("_group_cache", {})
+        cache = self._group_cache
         if cache.get("key") != key:
-            at_prototypes = R.rescale(R.routing_weights(torch.cdist(protos, protos), cfg.temperature), self.base, cfg.mass)
-            codes = at_prototypes
+            *_, codes = R.coefficients(cfg, self.base, merged=protos, prototypes=protos)  # at the prototypes
             if self.groups == "quantized":
-                s = R.scores("prototype", self._calibration, prototypes=protos)
-                w = R.routing_weights(s, cfg.temperature)
-                codes = R.coefficient_codebook(R.rescale(w, self.base, cfg.mass), w.argmax(-1),
-                                               self.groups_per_task * len(self.tasks), at_prototypes)
+                _, w, c = R.coefficients(cfg, self.base, merged=self._calibration, prototypes=protos)
+                codes = R.coefficient_codebook(c, w.argmax(-1), self.groups_per_task * len(self.tasks), codes)
             cache.clear()
             cache.update(key=key, codes=codes, models={})
         return cache["codes"]
 
     def _group_params(self, k: int) -> dict[str, Tensor]:
         codes = self.group_coefficients()
-        models = self.__dict__["_group_cache"]["models"]
+        models = self._group_cache["models"]
         if k not in models:
             models[k] = self.stacked.merged(self.pretrained, codes[k])
         return models[k]
@@ -238,14 +236,10 @@ class SEMerging:
         merged model of :meth:`group_coefficients` (cached): no per-sample mixing and no expert pass."""
         layer = self.config.layer
         merged = self.family.probe(batch, self.static, [layer])[layer]
-        s = R.scores("prototype", merged, prototypes=self._need_prototypes())
-        w = R.routing_weights(s, self.config.temperature)
+        s, w, c = R.coefficients(self.with_config(normalisation="prototype"), self.base, merged=merged,
+                                 prototypes=self._need_prototypes())
         codes = self.group_coefficients()
-        if self.groups == "quantized":
-            c = R.rescale(w, self.base, self.config.mass)
-            group = torch.cdist(c, codes.to(c.device)).argmin(-1)
-        else:
-            group = w.argmax(-1)
+        group = torch.cdist(c, codes.to(c.device)).argmin(-1) if self.groups == "quantized" else w.argmax(-1)
         feats: Tensor | None = None
         for k in group.unique().tolist():
             idx = (group == k).nonzero().squeeze(1)
