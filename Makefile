@@ -33,9 +33,11 @@ demo: $(STAMP)
 	$(VENV)/bin/mergelab bench
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)

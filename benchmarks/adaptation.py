@@ -41,13 +41,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from mergelab.adaptive import adamerging, symerge
-    from mergelab.adaptive.adamerging import DEFAULT_ADAMERGING_STEPS
-    from mergelab.adaptive.symerge import DEFAULT_SYMERGE_STEPS
-    from mergelab.benchmarks.registry import get_benchmark
-    from mergelab.benchmarks.run import load_context
-    from mergelab.io import atomic_write_text
-    from mergelab.statedict import task_vectors
+    from mergelab.core.io import atomic_write_text
+    from mergelab.core.statedict import task_vectors
+    from mergelab.experiment.runner import load_context
+    from mergelab.methods.adaptive import adamerging, symerge
+    from mergelab.methods.adaptive.adamerging import DEFAULT_ADAMERGING_STEPS
+    from mergelab.methods.adaptive.symerge import DEFAULT_SYMERGE_STEPS
+    from mergelab.pools.benchmarks import get_benchmark
 
     if args.threads:
         torch.set_num_threads(args.threads)

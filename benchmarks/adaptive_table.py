@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from mergelab.adaptive.rows import ADAPTIVE_ROWS
+    from mergelab.experiment.adaptive_rows import ADAPTIVE_ROWS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--benchmark", default="text5")
@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             options.setdefault(method, {})[key] = value
 
-    from mergelab.adaptive import adaptive_rows
-    from mergelab.benchmarks.registry import get_benchmark
-    from mergelab.benchmarks.run import load_context
-    from mergelab.evaluate import MethodResult, evaluate_tasks, mean, normalized_average
-    from mergelab.io import atomic_write_text
+    from mergelab.core.io import atomic_write_text
+    from mergelab.experiment.adaptive_rows import adaptive_rows
+    from mergelab.experiment.runner import load_context
     from mergelab.methods import merge
+    from mergelab.pools.benchmarks import get_benchmark
+    from mergelab.pools.evaluate import MethodResult, evaluate_tasks, mean, normalized_average
 
     if args.threads:
         import torch

@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from mergelab.adaptive.pilot import cross_task_matrix, plot_cross_task, relation
-    from mergelab.benchmarks.registry import get_benchmark
-    from mergelab.benchmarks.run import load_context
-    from mergelab.io import atomic_write_text
+    from mergelab.core.io import atomic_write_text
+    from mergelab.experiment.pilot import cross_task_matrix, plot_cross_task, relation
+    from mergelab.experiment.runner import load_context
+    from mergelab.pools.benchmarks import get_benchmark
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.tiny_models import VOCAB, save_tiny_bert  # noqa: E402
 
-from mergelab import io, merge  # noqa: E402
-from mergelab.benchmarks import finetune as ft  # noqa: E402
-from mergelab.data.tasks import TextTask  # noqa: E402
-from mergelab.families.text import TextClassifierFamily, accuracy  # noqa: E402
+from mergelab import merge  # noqa: E402
+from mergelab.core import io  # noqa: E402
+from mergelab.pools import finetune as ft  # noqa: E402
+from mergelab.pools.data.tasks import TextTask  # noqa: E402
+from mergelab.pools.families.text import TextClassifierFamily, accuracy  # noqa: E402
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -19,11 +19,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mergelab.analysis.se_study import cost_study
-from mergelab.benchmarks.registry import get_benchmark
-from mergelab.benchmarks.run import load_context
-from mergelab.dynamic import RouterConfig
-from mergelab.io import atomic_write_text
+from mergelab.core.io import atomic_write_text
+from mergelab.experiment.analysis.se_study import cost_study
+from mergelab.experiment.runner import load_context
+from mergelab.methods.dynamic import RouterConfig
+from mergelab.pools.benchmarks import get_benchmark
 
 
 def main() -> None:

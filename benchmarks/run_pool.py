@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write results JSON here")
     args = ap.parse_args(argv)
 
-    from mergelab.errors import InputError
+    from mergelab.core.errors import InputError
 
     try:
         return _run(args)
@@ -52,12 +52,12 @@ def _run(args) -> int:
     import yaml
     from rich.console import Console
 
-    from mergelab.errors import InputError
-    from mergelab.evaluate import evaluate_tasks, mean, normalized_average
-    from mergelab.io import atomic_write_text
+    from mergelab.core.errors import InputError
+    from mergelab.core.io import atomic_write_text
+    from mergelab.experiment.report import rich_table
     from mergelab.methods import plan as make_plan
-    from mergelab.pool import PoolConfig, load_pool
-    from mergelab.report import rich_table
+    from mergelab.pools.evaluate import evaluate_tasks, mean, normalized_average
+    from mergelab.pools.pool import PoolConfig, load_pool
 
     rows = [r.strip() for r in args.methods.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
@@ -113,8 +113,8 @@ def _run(args) -> int:
     if "ties" in rows:
         static("ties", make_plan("ties", pre, experts, scaling=args.ties_scaling, density=0.2).apply(pre))
     if "se_merging" in rows:
-        from mergelab.dynamic import SEMerging
-        from mergelab.dynamic.evaluate import evaluate_se
+        from mergelab.experiment.se_evaluate import evaluate_se
+        from mergelab.methods.dynamic import SEMerging
 
         t0 = time.perf_counter()
         se = SEMerging(fam, pre, ta, experts)
@@ -124,12 +124,12 @@ def _run(args) -> int:
     adapt_inputs = {t: splits[t].inputs for t in pool.tasks}  # unlabeled: labels are never passed
     steps = {} if args.steps is None else {"steps": args.steps}
     if "adamerging" in rows:
-        from mergelab.adaptive import adamerging
+        from mergelab.methods.adaptive import adamerging
 
         res = adamerging(fam, pre, ta.vectors, heads, adapt_inputs, **steps)
         static("adamerging", res.merged_state())
     if "symerge" in rows:
-        from mergelab.adaptive import symerge
+        from mergelab.methods.adaptive import symerge
 
         res = symerge(fam, pre, ta.vectors, heads, adapt_inputs, experts=experts, **steps)
         t0 = time.perf_counter()

@@ -90,7 +90,7 @@ def build_models(root: Path, n_experts: int, shapes: dict, config: dict, tau_rel
     """pretrained/ and expert_i/ directories (cached: an existing complete directory is reused)."""
     from safetensors.torch import save_file
 
-    from mergelab.io import atomic_write_dir
+    from mergelab.core.io import atomic_write_dir
 
     tag = json.dumps({"shapes": shapes, "config": config, "tau": tau_rel_std}, sort_keys=True)
 
@@ -198,7 +198,7 @@ def mergekit_cmd(exe: Path, config: Path, out: Path) -> list[str]:
 
 
 def _tensors(directory: Path):
-    from mergelab.streaming.files import SafetensorsModel
+    from mergelab.methods.streaming.files import SafetensorsModel
 
     return SafetensorsModel(directory, str(directory))
 
@@ -367,7 +367,7 @@ def _save(args, rows, bw, n_params, model_bytes, failures) -> dict:
         "bandwidth": bw, "rows": rows, "failures": failures,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from mergelab.io import atomic_write_text
+    from mergelab.core.io import atomic_write_text
 
     atomic_write_text(args.out, json.dumps(result, indent=2))
     return result

@@ -12,31 +12,29 @@ from typer.testing import CliRunner
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mergelab import methods  # noqa: E402
-from mergelab.adaptive import (  # noqa: E402
+from mergelab.cli import app  # noqa: E402
+from mergelab.core.errors import InputError  # noqa: E402
+from mergelab.core.statedict import task_vectors  # noqa: E402
+from mergelab.experiment import runner as rows_module  # noqa: E402  (the one runner evaluates every row)
+from mergelab.experiment.adaptive_rows import adaptive_rows  # noqa: E402
+from mergelab.experiment.pilot import cross_task_matrix, plot_cross_task, relation  # noqa: E402
+from mergelab.methods.adaptive import (  # noqa: E402
     Coefficients,
     MergedParams,
     PseudoLabels,
     adamerging,
-    adaptive_rows,
     check_texts,
-    cross_task_matrix,
     expert_pseudo_labels,
-    plot_cross_task,
-    relation,
     select_samples,
     selflabel_loss,
     symerge,
     ties_vectors,
 )
-from mergelab.adaptive import rows as rows_module  # noqa: E402
-from mergelab.adaptive.adamerging import build_merged  # noqa: E402
-from mergelab.adaptive.inputs import TokenCache  # noqa: E402
-from mergelab.adaptive.symerge import last_block_keys  # noqa: E402
-from mergelab.cli import app  # noqa: E402
-from mergelab.data.tasks import TextTask  # noqa: E402
-from mergelab.errors import InputError  # noqa: E402
-from mergelab.families.text import TextClassifierFamily, accuracy  # noqa: E402
-from mergelab.statedict import task_vectors  # noqa: E402
+from mergelab.methods.adaptive.adamerging import build_merged  # noqa: E402
+from mergelab.methods.adaptive.inputs import TokenCache  # noqa: E402
+from mergelab.methods.adaptive.symerge import last_block_keys  # noqa: E402
+from mergelab.pools.data.tasks import TextTask  # noqa: E402
+from mergelab.pools.families.text import TextClassifierFamily, accuracy  # noqa: E402
 
 from .tiny_models import VOCAB, tiny_bert_config  # noqa: E402
 

@@ -9,20 +9,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergelab.analysis.representations import (
+from mergelab.cli import app
+from mergelab.experiment.analysis.representations import (
     auto_adaptation,
     collect_probes,
     routing_accuracy,
     routing_report,
 )
-from mergelab.analysis.run import run_analysis
-from mergelab.benchmarks.run import BenchmarkContext
-from mergelab.cli import app
-from mergelab.data.tasks import TextTask
-from mergelab.dynamic import RouterConfig, SEMerging
-from mergelab.dynamic.evaluate import evaluate_se
-from mergelab.families.text import TextClassifierFamily
+from mergelab.experiment.analysis.run import run_analysis
+from mergelab.experiment.runner import BenchmarkContext
+from mergelab.experiment.se_evaluate import evaluate_se
 from mergelab.methods import plan as make_plan
+from mergelab.methods.dynamic import RouterConfig, SEMerging
+from mergelab.pools.data.tasks import TextTask
+from mergelab.pools.families.text import TextClassifierFamily
 from tests.tiny_models import VOCAB, tiny_bert_config, tiny_tokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -119,7 +119,7 @@ def test_run_analysis_writes_json_and_pngs(ctx, tmp_path: Path, kind: str) -> No
 
 
 def test_lowrank_study_full_rank_matches_exact(ctx) -> None:
-    from mergelab.analysis.se_study import lowrank_study
+    from mergelab.experiment.analysis.se_study import lowrank_study
 
     study = lowrank_study(ctx, ranks=(1, 10_000), config=RouterConfig(layer=1), n_per_task=6, n_calib=4)
     full = study["lowrank"][1]

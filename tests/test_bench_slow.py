@@ -13,8 +13,8 @@ from mergelab.cli import app
 pytestmark = pytest.mark.slow
 
 STATIC = ["average", "task_arithmetic", "ties", "dare_task_arithmetic", "dare_ties"]
-SE = ["se_merging_task_arithmetic", "se_merging_ties", "se_merging_task_arithmetic_fast",
-      "se_merging_task_arithmetic_fast+symerge_heads"]
+SE = ["se_merging_task_arithmetic", "se_prototype_task_arithmetic", "se_prototype_ties",
+      "se_prototype_task_arithmetic_fast", "se_prototype_task_arithmetic_fast+symerge_heads"]
 ADAPTIVE = ["adamerging_taskwise", "adamerging_layerwise", "adamerging_plusplus", "symerge",
             "task_arithmetic+symerge_heads", "ties+symerge_heads"]
 
@@ -52,8 +52,8 @@ def test_reduced_benchmark_end_to_end(tmp_path: Path) -> None:
     assert (out / "results.md").read_text().count("| se_merging_task_arithmetic |") == 2
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the experts are cached: a second load trains nothing
-    from mergelab.benchmarks.registry import get_benchmark
-    from mergelab.benchmarks.run import load_context
+    from mergelab.experiment.runner import load_context
+    from mergelab.pools.benchmarks import get_benchmark
 
     ctx = load_context(get_benchmark("reduced"), cache_dir=cache, progress=False)
     assert all(e.meta.get("cache_hit") for e in ctx.experts.values())

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelab.benchmarks import finetune
-from mergelab.benchmarks.registry import BenchmarkSpec, TaskSpec
-from mergelab.benchmarks.run import run_benchmark
-from mergelab.evaluate import evaluate_tasks as real_evaluate_tasks
+from mergelab.experiment.runner import run_benchmark
+from mergelab.pools import finetune
+from mergelab.pools.benchmarks import BenchmarkSpec, TaskSpec
+from mergelab.pools.evaluate import evaluate_tasks as real_evaluate_tasks
 from tests.tiny_models import VOCAB, tiny_bert_config, tiny_tokenizer
 
 WORDS = VOCAB[5:]
@@ -49,14 +49,14 @@ def test_every_row_and_the_files(tiny_spec: BenchmarkSpec, tmp_path: Path, monke
         sizes.append({t: len(s) for t, s in splits.items()})
         return real_evaluate_tasks(family, body, heads, splits, **kw)
 
-    monkeypatch.setattr("mergelab.benchmarks.run.evaluate_tasks", spy)
+    monkeypatch.setattr("mergelab.experiment.runner.evaluate_tasks", spy)
     res = run_benchmark(tiny_spec, out_dir=tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
     names = set(res["methods"])
     expected = {"individual", "pretrained", "average", "task_arithmetic", "task_arithmetic_0.3", "ties",
-                "dare_task_arithmetic", "dare_ties", "se_merging_task_arithmetic", "se_merging_ties",
-                "se_merging_task_arithmetic_fast", "adamerging_taskwise", "adamerging_layerwise",
+                "dare_task_arithmetic", "dare_ties", "se_merging_task_arithmetic", "se_prototype_task_arithmetic",
+                "se_prototype_ties", "se_prototype_task_arithmetic_fast", "adamerging_taskwise", "adamerging_layerwise",
                 "adamerging_plusplus", "symerge", "task_arithmetic+symerge_heads", "ties+symerge_heads",
-                "se_merging_task_arithmetic_fast+symerge_heads"}
+                "se_prototype_task_arithmetic_fast+symerge_heads"}
     assert expected <= names, expected - names
     for row in res["methods"].values():
         assert all(0 <= a <= 1 for a in row["per_task"].values())
@@ -67,7 +67,8 @@ def test_every_row_and_the_files(tiny_spec: BenchmarkSpec, tmp_path: Path, monke
     if ta["params"]["scaling"] == 0.3:
         assert ta["per_task"] == ta03["per_task"]
         # individual, pretrained and 6 static rows evaluate on test, but the two at 0.3 share one evaluation
-        assert sum(1 for s in sizes if set(s.values()) == {8}) == 7
+        # (7); then the 4 adaptive rows and the 2 static transfer rows, all through the one runner
+        assert sum(1 for s in sizes if set(s.values()) == {8}) == 7 + 4 + 2
     # reuse of test features: the transfer rows rerun the static Task Arithmetic 0.3 and TIES bodies, and
     # SyMerge's pseudo-labels are each expert on its own test texts: three hits per task
     assert res["feature_cache"]["hits"] == 3 * len(res["tasks"])
@@ -79,5 +80,5 @@ def test_every_row_and_the_files(tiny_spec: BenchmarkSpec, tmp_path: Path, monke
 
 def test_rows_filter(tiny_spec: BenchmarkSpec, tmp_path: Path) -> None:
     res = run_benchmark(tiny_spec, cache_dir=tmp_path / "cache", progress=False,
-                        rows=["task_arithmetic_0.3", "se_merging_task_arithmetic_fast"])
-    assert set(res["methods"]) == {"individual", "pretrained", "task_arithmetic_0.3", "se_merging_task_arithmetic_fast"}
+                        rows=["task_arithmetic_0.3", "se_prototype_task_arithmetic_fast"])
+    assert set(res["methods"]) == {"individual", "pretrained", "task_arithmetic_0.3", "se_prototype_task_arithmetic_fast"}

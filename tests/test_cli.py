@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 import mergelab
-from mergelab import io
 from mergelab.cli import app
+from mergelab.core import io
 
 from .tiny_models import save_tiny_pool
 

@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 import mergelab
-from mergelab import io
 from mergelab.cli import app
+from mergelab.core import io
 
 from .tiny_models import VOCAB, save_tiny_bert, tiny_bert_config, tiny_tokenizer
 
@@ -140,7 +140,7 @@ def test_merge_config_runs_the_sweep_into_a_run_dir(pool, tmp_path):
         assert res["merges"][labels[1]]["cosine"][t] == pytest.approx(
             float(delta @ tau / (delta.norm() * tau.norm())), rel=1e-4)
     # the resolved config reproduces the run: same sweep, defaults written out
-    from mergelab.config import load_config, sweep
+    from mergelab.experiment.config import load_config, sweep
 
     again = load_config(run_dir / "config.yaml")
     assert [p[0] for p in sweep(again)] == labels and again.outputs.save_models is True
@@ -263,8 +263,8 @@ def tiny_benchmark(tmp_path_factory):
     """A registered benchmark 'tiny-cli': a tiny BERT and two CSV tasks; experts fine-tune in a second."""
     from transformers import BertModel
 
-    from mergelab.benchmarks import finetune
-    from mergelab.benchmarks.registry import BENCHMARKS, BenchmarkSpec, TaskSpec
+    from mergelab.pools import finetune
+    from mergelab.pools.benchmarks import BENCHMARKS, BenchmarkSpec, TaskSpec
 
     d = tmp_path_factory.mktemp("tiny-bench")
     torch.manual_seed(0)
@@ -327,7 +327,7 @@ def test_bench_flag_form_writes_config_and_log(tiny_benchmark, tmp_path):
                                  "--out", str(tmp_path / "run"), "-q"])
     assert result.exit_code == 0, result.output
     assert "results:" in result.output and "average" in result.output
-    from mergelab.config import load_config
+    from mergelab.experiment.config import load_config
 
     cfg = load_config(tmp_path / "run" / "config.yaml")
     assert cfg.benchmark.name == "tiny-cli" and cfg.benchmark.rows == ["average"]
@@ -352,10 +352,10 @@ def test_bench_bad_input_exit_2(tmp_path):
 def test_finetune_saves_an_hf_expert_equal_to_train_expert(tiny_benchmark, tmp_path):
     from transformers import AutoModel
 
-    from mergelab.benchmarks.finetune import FinetuneRecipe, train_expert
-    from mergelab.data.tasks import split_task
-    from mergelab.data.user import load_user_task
-    from mergelab.families.text import TextClassifierFamily
+    from mergelab.pools.data.tasks import split_task
+    from mergelab.pools.data.user import load_user_task
+    from mergelab.pools.families.text import TextClassifierFamily
+    from mergelab.pools.finetune import FinetuneRecipe, train_expert
 
     spec, d = tiny_benchmark
     task_file = d / "task0.csv"
@@ -473,7 +473,7 @@ def test_adapt_and_analyze_write_options_environment_and_log(tiny_benchmark, tmp
 
 
 def test_report_of_an_adapt_and_analysis_folder(tmp_path):
-    from mergelab.analysis import plots
+    from mergelab.experiment import plots
 
     run = tmp_path / "adapt"
     run.mkdir()
@@ -496,7 +496,7 @@ def test_report_of_an_adapt_and_analysis_folder(tmp_path):
 
 
 def test_report_of_plots_only(tmp_path):
-    from mergelab.analysis import plots
+    from mergelab.experiment import plots
 
     sweep = [{"layer": i, "exact": {"average": 0.5 + i / 20, "seconds_per_sample": 0.01},
               "fast": {"average": 0.55, "seconds_per_sample": 0.004}} for i in (1, 2)]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergelab.config import ConfigError, RunConfig, load_config, parse_config, sweep
-from mergelab.errors import InputError
+from mergelab.core.errors import InputError
+from mergelab.experiment.config import ConfigError, RunConfig, load_config, parse_config, sweep
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -145,7 +145,7 @@ BAD = [
      ":1: (top level):", "exactly one of 'pool'"),
     ("seed: 1\n", ":1: (top level):", "exactly one of 'pool'"),
     ("benchmark:\n  name: text6\n", ":2: benchmark.name: unknown benchmark 'text6'", "text5"),
-    ("benchmark:\n  rows:\n    - ties\n    - tie\n", ":4: benchmark.rows[1]: unknown row 'tie'", "se_merging_ties"),
+    ("benchmark:\n  rows:\n    - ties\n    - tie\n", ":4: benchmark.rows[1]: unknown row 'tie'", "se_prototype_ties"),
     ("benchmark: {name: text5}\ndevice: cuda\n", ":2: device:", "CPU"),
     ("- pool\n- methods\n", ":1:", "mapping"),
     ("seed: -1\npool: {pretrained: p, experts: {a: x}}\nmethods: [{name: average}]\n", ":1: seed:", "greater than or equal to 0"),

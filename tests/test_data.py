@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mergelab.data import sources
-from mergelab.data.sources import SOURCES, TEXT_KIND, check_distinct_inputs, load_source
-from mergelab.data.tasks import TextTask, split_task
-from mergelab.data.user import load_csv_task, load_hf_task, load_jsonl_task, load_user_task
-from mergelab.errors import InputError
+from mergelab.core.errors import InputError
+from mergelab.pools.data import sources
+from mergelab.pools.data.sources import SOURCES, TEXT_KIND, check_distinct_inputs, load_source
+from mergelab.pools.data.tasks import TextTask, split_task
+from mergelab.pools.data.user import load_csv_task, load_hf_task, load_jsonl_task, load_user_task
 
 WORDNET_PRESENT = (sources.WORDNET_DIR / "data.noun").is_file()
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import mergelab
-from mergelab import io
-from mergelab.benchmarks import finetune
-from mergelab.benchmarks.registry import BenchmarkSpec, TaskSpec
-from mergelab.benchmarks.run import run_benchmark
+from mergelab.core import io
+from mergelab.experiment.runner import run_benchmark
+from mergelab.pools import finetune
+from mergelab.pools.benchmarks import BenchmarkSpec, TaskSpec
 
 from .tiny_models import VOCAB, save_tiny_bert, tiny_bert_config, tiny_tokenizer
 
@@ -64,9 +64,9 @@ CHILD = r'''
 import hashlib, sys, torch
 from pathlib import Path
 from mergelab.cli import app
-from mergelab.benchmarks import finetune as ft
-from mergelab.data.tasks import TextTask
-from mergelab.families.text import TextClassifierFamily
+from mergelab.pools import finetune as ft
+from mergelab.pools.data.tasks import TextTask
+from mergelab.pools.families.text import TextClassifierFamily
 
 pre, words, merge_args = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
 try:  # the real command line, in this fresh interpreter
@@ -148,7 +148,7 @@ def _untimed(d: dict) -> dict:
     return {k: v for k, v in d.items() if "second" not in k}
 
 
-ROWS = ["task_arithmetic", "dare_task_arithmetic", "dare_ties", "se_merging_task_arithmetic_fast",
+ROWS = ["task_arithmetic", "dare_task_arithmetic", "dare_ties", "se_prototype_task_arithmetic_fast",
         "adamerging_taskwise", "symerge"]
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelab.dynamic import RouterConfig, SEMerging, entropy, rescale, routing_weights, scores
-from mergelab.errors import InputError
-from mergelab.families.text import TextClassifierFamily
-from mergelab.functional import StackedVectors, per_sample_mixing, per_sample_reference, run_with
+from mergelab.core.errors import InputError
+from mergelab.core.functional import StackedVectors, per_sample_mixing, per_sample_reference, run_with
+from mergelab.core.statedict import combine
 from mergelab.methods import plan as make_plan
-from mergelab.statedict import combine
+from mergelab.methods.dynamic import RouterConfig, SEMerging, entropy, rescale, routing_weights, scores
+from mergelab.pools.families.text import TextClassifierFamily
 from tests.tiny_models import tiny_bert_config, tiny_tokenizer
 
 TEXTS = [
@@ -247,7 +247,7 @@ def _calibration_coefficients(se, family, texts, temperature, mass):
 
 
 def test_coefficient_codebook_by_hand() -> None:
-    from mergelab.dynamic.router import coefficient_codebook
+    from mergelab.methods.dynamic.router import coefficient_codebook
 
     x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.5, 0.5]])
     chosen = torch.tensor([0, 0, 1, 1, 0])
@@ -320,7 +320,7 @@ def _truncate(mat: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def test_low_rank_factors_reconstruct_truncated_svd(setup) -> None:
-    from mergelab.functional import low_rank_factors
+    from mergelab.core.functional import low_rank_factors
 
     family, pre, experts = setup
     plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)

@@ -1,6 +1,6 @@
 """Model families through the pool YAML path: tiny BERT, GPT-2 and CLIP saved as Hugging Face folders.
 
-Each test writes a pool YAML like a user would, loads it with :func:`mergelab.pool.load_pool_file`, and
+Each test writes a pool YAML like a user would, loads it with :func:`mergelab.pools.pool.load_pool_file`, and
 checks against references outside the family code: the experts' own Hugging Face models, the Task
 Arithmetic formula written out, per-sample materialised merges, CLIP's own ``logits_per_image``, and
 SyMerge's first loss computed by hand.
@@ -16,12 +16,12 @@ import pytest
 import torch
 import yaml
 
-from mergelab.adaptive import symerge
-from mergelab.dynamic import RouterConfig, SEMerging
-from mergelab.errors import HubUnavailableError, InputError
-from mergelab.evaluate import evaluate_tasks
+from mergelab.core.errors import HubUnavailableError, InputError
 from mergelab.methods import plan as make_plan
-from mergelab.pool import PoolConfig, load_pool, load_pool_file
+from mergelab.methods.adaptive import symerge
+from mergelab.methods.dynamic import RouterConfig, SEMerging
+from mergelab.pools.evaluate import evaluate_tasks
+from mergelab.pools.pool import PoolConfig, load_pool, load_pool_file
 from tests.tiny_models import VOCAB, tiny_bert_config, tiny_tokenizer
 
 TEXTS = [
@@ -367,7 +367,7 @@ def test_clip_pool_static_se_merging_and_symerge(clip_pool) -> None:
     _check_symerge(pool, batch_size=16)
     # AdaMerging's first loss by hand: sum_t mean_x H(softmax(h_t(z(x; theta_0 + 0.3 sum tau)))), each task's
     # batch holding all its inputs (fewer than the batch size), H(p) = -sum_c p_c log p_c
-    from mergelab.adaptive import adamerging
+    from mergelab.methods.adaptive import adamerging
 
     inputs = {t: pool.inputs(t) for t in pool.tasks}
     res = adamerging(pool.family, pool.pretrained, plan.vectors, pool.heads, inputs, steps=3, batch_size=16,
@@ -389,8 +389,8 @@ def test_offline_hub_ids_fail_fast(tmp_path, monkeypatch) -> None:
                      experts={"mnist": "tanganke/clip-vit-base-patch32_mnist"})
     with pytest.raises(HubUnavailableError, match="openai/clip-vit-base-patch32.*hub is disabled"):
         load_pool(cfg)
-    from mergelab.data.records import load_task_data
-    from mergelab.pool import TaskDataConfig
+    from mergelab.pools.data.records import load_task_data
+    from mergelab.pools.pool import TaskDataConfig
 
     with pytest.raises(HubUnavailableError, match="pool.tasks.mnist: tanganke/mnist.*hub is disabled"):
         load_task_data("mnist", TaskDataConfig(path="tanganke/mnist", split="test"), "image")
@@ -513,7 +513,7 @@ def test_torch_family_through_pool(torch_pool) -> None:
 def test_representation_probes_on_a_family_that_learns_its_width(torch_pool) -> None:
     """The torch family knows its probe width only after a forward (hidden_size -1): the probe analyses
     size their buffers from the first probe. Probes equal one family.probe call per model."""
-    from mergelab.analysis.representations import collect_probes
+    from mergelab.experiment.analysis.representations import collect_probes
 
     _, pool = torch_pool
     assert pool.family.hidden_size == -1 or pool.family.hidden_size == 8
@@ -544,7 +544,7 @@ def test_run_pool_script_on_tiny_pool(torch_pool, tmp_path) -> None:
     merge written out, the experts row is 1.0 normalised, and an offline hub id exits 2."""
     import importlib.util
 
-    from mergelab.evaluate import evaluate_tasks
+    from mergelab.pools.evaluate import evaluate_tasks
 
     spec = importlib.util.spec_from_file_location("run_pool", Path(__file__).parents[1] / "benchmarks" / "run_pool.py")
     mod = importlib.util.module_from_spec(spec)
@@ -583,7 +583,7 @@ def test_per_sample_conv2d_matches_per_sample_conv() -> None:
     padding and bias (the grouped convolution against one convolution per sample)."""
     import torch.nn.functional as F
 
-    from mergelab.functional import StackedVectors, per_sample_mixing, run_with
+    from mergelab.core.functional import StackedVectors, per_sample_mixing, run_with
 
     g = torch.Generator().manual_seed(0)
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1))
@@ -601,8 +601,8 @@ def test_per_sample_conv2d_matches_per_sample_conv() -> None:
 
 
 def test_task_data_files(tmp_path) -> None:
-    from mergelab.data.records import load_task_data
-    from mergelab.pool import TaskDataConfig
+    from mergelab.pools.data.records import load_task_data
+    from mergelab.pools.pool import TaskDataConfig
 
     _write_csv(tmp_path / "t.csv", [("good film", "pos"), ("bad film", "neg"), ("great", "pos")], ("text", "label"))
     d = load_task_data("t", TaskDataConfig(path=str(tmp_path / "t.csv")), "text")
@@ -631,7 +631,7 @@ def test_text_family_pool_with_cached_heads(tmp_path) -> None:
     path = _write_yaml(tmp_path / "pool.yaml", {"family": "text", "pretrained": "base", "device": "cpu",
                                                 "experts": {"one": "e1", "two": "e2"}})
     pool = load_pool_file(path)
-    from mergelab.io import load_state_dict
+    from mergelab.core.io import load_state_dict
 
     assert all(torch.equal(pool.experts["two"][k], v) for k, v in load_state_dict(str(e2)).items())
     assert set(pool.heads) == {"one"} and torch.equal(pool.heads["one"].weight, w)
@@ -643,8 +643,8 @@ def test_text_family_pool_with_cached_heads(tmp_path) -> None:
 def test_lazy_column_reads_items_on_demand() -> None:
     """Image columns of a datasets.Dataset are read per item; slices stay lazy; batching does not read
     every item to sort it (a fake dataset counts the reads)."""
-    from mergelab.data.records import LazyColumn
-    from mergelab.families.text import iter_batches
+    from mergelab.core.batching import iter_batches
+    from mergelab.pools.data.records import LazyColumn
 
     class Fake:
         reads = 0

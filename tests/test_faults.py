@@ -23,11 +23,11 @@ import torch
 from typer.testing import CliRunner
 
 import mergelab
-from mergelab import io
-from mergelab.benchmarks import finetune as ft
 from mergelab.cli import app
-from mergelab.data.tasks import TextTask
-from mergelab.families.text import TextClassifierFamily
+from mergelab.core import io
+from mergelab.pools import finetune as ft
+from mergelab.pools.data.tasks import TextTask
+from mergelab.pools.families.text import TextClassifierFamily
 
 from .tiny_models import VOCAB, save_tiny_pool
 
@@ -61,9 +61,9 @@ main()
 
 FINETUNE_CHILD = SLOW_SAVE + r'''
 import json
-from mergelab.benchmarks import finetune as ft
-from mergelab.data.tasks import TextTask
-from mergelab.families.text import TextClassifierFamily
+from mergelab.pools import finetune as ft
+from mergelab.pools.data.tasks import TextTask
+from mergelab.pools.families.text import TextClassifierFamily
 
 model_dir, cache, task_file, mode = sys.argv[2:6]
 spec = json.loads(Path(task_file).read_text())

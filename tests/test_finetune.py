@@ -11,13 +11,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mergelab.benchmarks import finetune as ft  # noqa: E402
-from mergelab.benchmarks.finetune import FinetuneRecipe, cache_root, expert_key, get_or_train_expert  # noqa: E402
-from mergelab.benchmarks.registry import BENCHMARKS, DEFAULT_BENCHMARK, get_benchmark  # noqa: E402
-from mergelab.data import sources  # noqa: E402
-from mergelab.data.tasks import TextTask  # noqa: E402
-from mergelab.errors import InputError  # noqa: E402
-from mergelab.families.text import TextClassifierFamily, accuracy, embed, predict  # noqa: E402
+from mergelab.core.errors import InputError  # noqa: E402
+from mergelab.pools import finetune as ft  # noqa: E402
+from mergelab.pools.benchmarks import BENCHMARKS, DEFAULT_BENCHMARK, get_benchmark  # noqa: E402
+from mergelab.pools.data import sources  # noqa: E402
+from mergelab.pools.data.tasks import TextTask  # noqa: E402
+from mergelab.pools.families.text import TextClassifierFamily, accuracy, embed, predict  # noqa: E402
+from mergelab.pools.finetune import FinetuneRecipe, cache_root, expert_key, get_or_train_expert  # noqa: E402
 
 WORDS = "good great fine nice bad awful poor sad the a movie film plot story was is very not".split()
 
@@ -292,7 +292,7 @@ def test_registry_specs() -> None:
     assert {"reduced", "text5"} <= set(BENCHMARKS)
     with pytest.raises(InputError, match="unknown benchmark"):
         get_benchmark("nope")
-    from mergelab.benchmarks.registry import BenchmarkSpec, TaskSpec
+    from mergelab.pools.benchmarks import BenchmarkSpec, TaskSpec
 
     with pytest.raises(InputError, match="same input texts"):
         BenchmarkSpec(

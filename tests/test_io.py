@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 import mergelab
-from mergelab import InputError, io
-from mergelab.errors import HubUnavailableError
+from mergelab import InputError
+from mergelab.core import io
+from mergelab.core.errors import HubUnavailableError
 
 
 def _sd():

@@ -203,9 +203,9 @@ def test_plan_exposes_per_task_vectors_for_reuse():
 def test_feature_cache_reuses_and_matches_a_fresh_evaluation(tmp_path) -> None:
     from transformers import BertModel
 
-    from mergelab.data.tasks import TextTask
-    from mergelab.evaluate import FeatureCache, evaluate_tasks, fingerprint
-    from mergelab.families.text import TextClassifierFamily
+    from mergelab.pools.data.tasks import TextTask
+    from mergelab.pools.evaluate import FeatureCache, evaluate_tasks, fingerprint
+    from mergelab.pools.families.text import TextClassifierFamily
     from tests.tiny_models import tiny_bert_config, tiny_tokenizer
 
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import mergelab
-from mergelab.errors import InputError
-from mergelab.pool import PoolConfig
+from mergelab.core.errors import InputError
+from mergelab.pools.pool import PoolConfig
 
 from .test_reliability import load_pool_yaml
 

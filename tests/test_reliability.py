@@ -3,7 +3,7 @@
 Each CLI case asserts that the error names the culprit (file, expert, key, field or parameter), that
 the command exits with status 2 without a traceback, and that nothing was written (the output folder
 is absent, no temporary folder is left beside it, and the inputs' bytes are unchanged). API cases
-assert the :class:`~mergelab.errors.InputError` and its message.
+assert the :class:`~mergelab.core.errors.InputError` and its message.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import mergelab
-from mergelab import io
-from mergelab.benchmarks import finetune
-from mergelab.benchmarks.registry import BENCHMARKS, BenchmarkSpec, TaskSpec
 from mergelab.cli import app
-from mergelab.errors import HubUnavailableError, IncompatibleModelsError, InputError
-from mergelab.pool import PoolConfig
+from mergelab.core import io
+from mergelab.core.errors import HubUnavailableError, IncompatibleModelsError, InputError
+from mergelab.pools import finetune
+from mergelab.pools.benchmarks import BENCHMARKS, BenchmarkSpec, TaskSpec
+from mergelab.pools.pool import PoolConfig
 
 from .tiny_models import VOCAB, save_tiny_pool, tiny_bert_config, tiny_tokenizer
 
@@ -229,7 +229,7 @@ def test_hub_dataset_offline(monkeypatch):
     import sys
     import types
 
-    from mergelab.data.user import load_hf_task
+    from mergelab.pools.data.user import load_hf_task
 
     fake = types.ModuleType("datasets")
 
@@ -287,8 +287,8 @@ def test_merge_that_overflows_a_float16_pretrained_model_is_refused(tmp_path):
 
 
 def test_router_parameters():
-    from mergelab.dynamic import RouterConfig
-    from mergelab.dynamic.router import rescale, routing_weights
+    from mergelab.methods.dynamic import RouterConfig
+    from mergelab.methods.dynamic.router import rescale, routing_weights
 
     for field, value, needle in [("temperature", -1.0, "'temperature' must be a positive"),
                                  ("temperature", 0.0, "'temperature'"), ("mass", float("nan"), "'mass'"),
@@ -304,8 +304,8 @@ def test_router_parameters():
 
 
 def test_probe_layer_beyond_the_depth(pool):
-    from mergelab.dynamic import RouterConfig, SEMerging
-    from mergelab.families.text import TextClassifierFamily
+    from mergelab.methods.dynamic import RouterConfig, SEMerging
+    from mergelab.pools.families.text import TextClassifierFamily
 
     _, pre, a, b = pool
     family = TextClassifierFamily(pre, max_length=16)
@@ -381,9 +381,9 @@ def test_task_with_one_class(tiny_bench, tmp_path):
 
 
 def test_labels_outside_the_heads_range(pool, tiny_bench, tmp_path):
-    from mergelab.data.tasks import TextTask
-    from mergelab.evaluate import evaluate_tasks
-    from mergelab.families.text import TextClassifierFamily, accuracy
+    from mergelab.pools.data.tasks import TextTask
+    from mergelab.pools.evaluate import evaluate_tasks
+    from mergelab.pools.families.text import TextClassifierFamily, accuracy
 
     d, spec = tiny_bench
     family = TextClassifierFamily(spec.backbone, max_length=12)
@@ -449,7 +449,7 @@ def test_other_cli_options_refused_before_any_work(tiny_bench, tmp_path, args, n
 
 # ---------------------------------------------------------------------------------------------- YAML config
 def load_pool_yaml(path: Path) -> PoolConfig:
-    """The loader a YAML run config goes through (mergelab.config, issue 7, wraps the same two steps):
+    """The loader a YAML run config goes through (mergelab.experiment.config, issue 7, wraps the same two steps):
     PyYAML's safe_load, then PoolConfig's pydantic validation. Bad YAML becomes an InputError."""
     try:
         data = yaml.safe_load(Path(path).read_text())

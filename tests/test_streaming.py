@@ -12,10 +12,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import mergelab
-from mergelab import InputError, io
+from mergelab import InputError
 from mergelab.cli import app
-from mergelab.errors import IncompatibleModelsError
-from mergelab.streaming import parse_size, stream_merge
+from mergelab.core import io
+from mergelab.core.errors import IncompatibleModelsError
+from mergelab.methods.streaming import parse_size, stream_merge
 
 from .tiny_models import save_tiny_bert
 
@@ -268,7 +269,7 @@ def test_streamed_merge_of_a_model_larger_than_the_limit_stays_under_it(tmp_path
     limit = 64 * mb
     script = textwrap.dedent(f"""
         import sys, torch
-        from mergelab.streaming import stream_merge
+        from mergelab.methods.streaming import stream_merge
         def status(field):
             return 1024 * next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
         torch.empty(1).add_(1)  # torch's own arenas before the baseline

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mergelab.benchmarks.registry import TEXT5, user_benchmark
 from mergelab.cli import app
-from mergelab.errors import InputError
+from mergelab.core.errors import InputError
+from mergelab.pools.benchmarks import TEXT5, user_benchmark
 
 
 def _csv(path: Path, n: int, prefix: str) -> Path:

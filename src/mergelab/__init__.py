@@ -2,17 +2,17 @@
 
 Static methods (weight averaging, Task Arithmetic, TIES, DARE) share one core: the task vectors
 tau_t = theta_t - theta_0 and the combination theta_0 + sum_t lambda_t tau_t (see
-:mod:`mergelab.statedict`).
+:mod:`mergelab.core.statedict`).
 
 >>> import mergelab
 >>> merged = mergelab.merge("task_arithmetic", pretrained, {"sst2": sd1, "mnli": sd2}, scaling=0.3)  # doctest: +SKIP
 """
 
-from . import methods
-from .errors import IncompatibleModelsError, InputError, MergelabError
-from .io import load_state_dict, save_model
-from .methods import MergePlan, merge, plan
-from .statedict import TaskVector, check_compatible, combine, task_vectors
+from mergelab import methods
+from mergelab.core.errors import IncompatibleModelsError, InputError, MergelabError
+from mergelab.core.io import load_state_dict, save_model
+from mergelab.core.statedict import TaskVector, check_compatible, combine, task_vectors
+from mergelab.methods import MergePlan, merge, plan
 
 __version__ = "0.1.0"
 

@@ -17,8 +17,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, yamlio
-from .errors import InputError
+from mergelab import __version__
+from mergelab.core import yamlio
+from mergelab.core.errors import InputError
 
 app = typer.Typer(
     add_completion=False,
@@ -152,7 +153,8 @@ def merge(
     under RUN_DIR/models/<label>, with results.json, results.md, merge_coefficients.png, config.yaml,
     environment.json, run.log and report.md/.html in RUN_DIR.
     """
-    from . import io, methods
+    from mergelab import methods
+    from mergelab.core import io
 
     if config is not None:
         given = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
@@ -168,12 +170,12 @@ def merge(
         raise InputError(f"missing {', '.join(missing)} (or give --config FILE); see mergelab merge --help")
     params = parse_params(param or [])
     specs = parse_experts(expert)
-    methods.get(method)  # unknown method: fail before loading anything
+    methods.get_static(method)  # unknown or not static: fail before loading anything
     io.check_output_path(out, [pretrained, *specs.values()])
     io.check_replaceable(out)  # before loading anything
     t0 = time.perf_counter()
     if stream:
-        from .streaming import stream_merge
+        from mergelab.methods.streaming import stream_merge
 
         stream_merge(method, pretrained, specs, out, shard_size=shard_size, progress=not quiet, **params)
         console.print(f"streamed {len(specs)} experts with [bold]{method}[/] {params or ''} in "
@@ -191,9 +193,16 @@ def merge(
 
 
 def _merge_config(config: Path, out: Path | None, quiet: bool) -> None:
-    from .config import load_config
-    from .report_page import render_report
-    from .runs import default_run_dir, logged_run, merge_markdown, resolve_device, run_merges, start_run
+    from mergelab.experiment.config import load_config
+    from mergelab.experiment.report_page import render_report
+    from mergelab.experiment.rundir import (
+        default_run_dir,
+        logged_run,
+        merge_markdown,
+        resolve_device,
+        run_merges,
+        start_run,
+    )
 
     cfg = load_config(config)
     if cfg.kind != "merge":
@@ -241,11 +250,11 @@ def bench(
 
         mergelab bench --config configs/text5.yaml
     """
-    from .benchmarks.run import default_run_dir
-    from .config import BenchmarkConfig, RunConfig, benchmark_rows, load_config
-    from .report import rich_table
-    from .report_page import render_report
-    from .runs import benchmark_spec, logged_run, start_run
+    from mergelab.experiment.config import BenchmarkConfig, RunConfig, benchmark_rows, load_config
+    from mergelab.experiment.report import rich_table
+    from mergelab.experiment.report_page import render_report
+    from mergelab.experiment.rundir import benchmark_spec, logged_run, start_run
+    from mergelab.experiment.runner import default_run_dir
 
     if config is not None:
         given = [f for f, v in (("--benchmark", benchmark != "text5"), ("--cache", cache), ("--row", row),
@@ -272,7 +281,7 @@ def bench(
     start_run(out_dir, cfg, inputs=list(cfg.benchmark.tasks.values()))
 
     def body(log):
-        from .benchmarks.run import run_benchmark
+        from mergelab.experiment.runner import run_benchmark
 
         results = run_benchmark(spec, out_dir=out_dir, cache_dir=cfg.benchmark.cache, rows=cfg.benchmark.rows,
                                 progress=not quiet, console=log)
@@ -320,11 +329,11 @@ def analyze(
 
         mergelab analyze routing --benchmark text5 --out runs/analysis
     """
-    from .analysis.run import KINDS, run_analysis
-    from .benchmarks.registry import get_benchmark
-    from .benchmarks.run import load_context
-    from .dynamic import RouterConfig
-    from .runs import logged_run, start_command_run
+    from mergelab.experiment.analysis.run import KINDS, run_analysis
+    from mergelab.experiment.rundir import logged_run, start_command_run
+    from mergelab.experiment.runner import load_context
+    from mergelab.methods.dynamic import RouterConfig
+    from mergelab.pools.benchmarks import get_benchmark
 
     changes = {k: v for k, v in {"layer": layer, "normalisation": normalisation, "temperature": temperature,
                                  "mass": mass}.items() if v is not None}
@@ -369,29 +378,35 @@ def _check_probe_layers(spec, layers: list[int]) -> None:
                              f"0 = embeddings, {depth} = last layer)")
 
 
-from .adaptive.cli import adapt as _adapt  # noqa: E402  (test-time adaptive merging, issue 5)
+from mergelab.experiment.adapt import adapt as _adapt  # noqa: E402  (test-time adaptive merging, issue 5)
 
 app.command("adapt")(input_errors_exit_2(_adapt))
 
 
 @app.command("methods")
 def list_methods() -> None:
-    """List the merge methods and their parameters.
+    """List every merging method: its kind, the data it reads and its parameters.
+
+    Static methods write one merged model (`mergelab merge`); dynamic (per-sample) and adaptive
+    (test-time) methods run on a benchmark or pool (`mergelab bench --row NAME`, `mergelab adapt`).
 
     Example:
 
         mergelab methods
     """
-    from . import methods
+    from mergelab import methods
 
-    table = Table(title="mergelab merge methods")
-    table.add_column("name", style="bold")
-    table.add_column("parameters (defaults)")
-    table.add_column("what it does")
-    for name in methods.available():
-        info = methods.get(name)
-        table.add_row(name, ", ".join(f"{k}={v!r}" for k, v in info.params.items()), info.summary)
-    console.print(table)
+    for kind in methods.KINDS:
+        table = Table(title=f"{kind} methods", title_justify="left")
+        table.add_column("name", style="bold", no_wrap=True)
+        table.add_column("reads", max_width=18)
+        table.add_column("parameters (defaults)")
+        table.add_column("what it does")
+        for name in methods.available(kind):
+            info = methods.get(name)
+            table.add_row(name, methods.DATA_NEEDS[info.needs],
+                          ", ".join(f"{k}={v!r}" for k, v in info.params.items()), info.summary)
+        console.print(table)
 
 
 @app.command()
@@ -422,8 +437,8 @@ def finetune(
 
         mergelab finetune --task reviews=data/reviews.csv --out experts/reviews --steps 200
     """
-    from .benchmarks.registry import TEXT5_RECIPE
-    from .benchmarks.user_expert import finetune_user_task
+    from mergelab.experiment.user_expert import finetune_user_task
+    from mergelab.pools.benchmarks import TEXT5_RECIPE
 
     (name, path), = parse_experts([task], what="--task").items()
     recipe = TEXT5_RECIPE.replace(steps=steps, batch_size=batch_size, body_lr=body_lr, head_lr=head_lr, seed=seed)
@@ -450,7 +465,7 @@ def report(
 
         mergelab report runs/text5
     """
-    from .report_page import render_report
+    from mergelab.experiment.report_page import render_report
 
     files = render_report(run_dir)
     console.print(f"report: {files['md']}, {files['html']}", highlight=False, soft_wrap=True)

@@ -1,15 +1,33 @@
-"""Static merging methods, one small module each, registered by name.
+"""Every merging method, registered by name in one registry: static, dynamic and adaptive.
 
 >>> from mergelab import methods
->>> methods.available()
+>>> methods.available("static")
 ['average', 'dare', 'task_arithmetic', 'ties']
+>>> methods.get("se_prototype").kind, methods.get("se_prototype").needs
+('dynamic', 'calibration')
 """
 
-from . import average, dare, task_arithmetic, ties  # noqa: F401  (registers the methods)
-from .registry import MergePlan, MethodInfo, available, get, merge, plan, register
-from .transforms import disjoint_split, drop, elect_sign, trim
+from mergelab.methods import adaptive, average, dare, dynamic, task_arithmetic, ties  # noqa: F401  (registers the static methods)  # noqa: F401  (register the adaptive and dynamic methods)
+from mergelab.methods.registry import (
+    DATA_NEEDS,
+    KINDS,
+    MergePlan,
+    MethodInfo,
+    MethodOutput,
+    PoolView,
+    available,
+    get,
+    get_static,
+    merge,
+    plan,
+    register,
+    register_method,
+    unregister,
+)
+from mergelab.methods.transforms import disjoint_split, drop, elect_sign, trim
 
 __all__ = [
-    "MergePlan", "MethodInfo", "available", "get", "merge", "plan", "register",
+    "DATA_NEEDS", "KINDS", "MergePlan", "MethodInfo", "MethodOutput", "PoolView", "available", "get", "get_static",
+    "merge", "plan", "register", "register_method", "unregister",
     "trim", "elect_sign", "disjoint_split", "drop",
 ]

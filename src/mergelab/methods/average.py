@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..errors import InputError
-from .registry import MergePlan, check_number, register
+from mergelab.core.errors import InputError
+from mergelab.methods.registry import MergePlan, check_number, register
 
 
 @register("average")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import InputError
-from .registry import MergePlan, per_task_values, register
-from .ties import ties_parts
-from .transforms import drop
+from mergelab.core.errors import InputError
+from mergelab.methods.registry import MergePlan, per_task_values, register
+from mergelab.methods.ties import ties_parts
+from mergelab.methods.transforms import drop
 
 
 @register("dare")

@@ -1,25 +1,44 @@
-"""The registry of static merging methods.
+"""The one registry of merging methods: static, dynamic and adaptive.
 
-A method is a small function ``fn(vectors, **params) -> MergePlan`` registered by name with
-:func:`register`. It receives the task vectors tau_t (one :class:`~mergelab.statedict.TaskVector`
-per task) and returns a :class:`MergePlan`: the (possibly pre-processed) per-task vectors and one
-coefficient per task. Applying a plan is always equation (1) of :mod:`mergelab.statedict`, so the
-same plan can be reused with learned (adaptive) or per-sample (dynamic) coefficients.
+Every method is equation (1) of :mod:`mergelab.core.statedict`, theta = theta_0 + sum_t lambda_t tau_t; the
+kinds differ in where lambda comes from (docs/architecture.md):
+
+- **static** (:func:`register`): ``fn(vectors, **params) -> MergePlan``, the (possibly pre-processed)
+  per-task vectors and one number per task. Applying a plan is always the merge formula, so the same plan
+  serves learned (adaptive) or per-sample (dynamic) coefficients, and streamed merges.
+- **dynamic** and **adaptive** (:func:`register_method`): ``run(pool, **params) -> MethodOutput``,
+  per-sample features (dynamic) or an adapted body and heads (adaptive), on a pool that offers what
+  :class:`PoolView` lists.
+
+An entry also says which data it reads (:data:`DATA_NEEDS`) and has typed parameters (a pydantic model:
+defaults, and a validation error that names the field).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from torch import Tensor
 
-from .. import kernels
-from ..errors import InputError
-from ..statedict import StateDict, TaskVector, combine, task_vectors
+from mergelab.core import kernels
+from mergelab.core.errors import InputError
+from mergelab.core.statedict import StateDict, TaskVector, combine, task_vectors
+
+Kind = Literal["static", "dynamic", "adaptive"]
+KINDS: tuple[str, ...] = ("static", "dynamic", "adaptive")
+# what a method reads beyond the experts, the pretrained model and the input it is asked about
+DATA_NEEDS: dict[str, str] = {
+    "nothing": "nothing beyond the input",
+    "unlabeled": "unlabeled inputs of the evaluated tasks",
+    "calibration": "a few inputs per task whose task is known",
+    "validation": "labeled validation data",
+}
 
 _REGISTRY: dict[str, MethodInfo] = {}
 
@@ -41,40 +60,149 @@ class MergePlan:
         return list(self.vectors)
 
 
+class PoolView(Protocol):
+    """What a dynamic or adaptive method may read from a pool (the runner's pool implements it).
+
+    ``inputs()`` are the evaluated split's inputs per task, unlabeled; ``calibration(n)`` the first ``n``
+    validation inputs per task (inputs of known task); ``expert_features(task)`` the expert's pooled
+    features on ``inputs()[task]`` (a forward pass the run may already have made).
+    """
+
+    family: Any
+    pretrained: StateDict
+    bodies: Mapping[str, StateDict]
+    heads: Mapping[str, Any]
+    seed: int
+    progress: bool
+    batch_size: int
+
+    def inputs(self) -> dict[str, Sequence[Any]]: ...
+
+    def calibration(self, n: int) -> dict[str, Sequence[Any]]: ...
+
+    def expert_features(self, task: str) -> Tensor: ...
+
+
+@dataclass
+class MethodOutput:
+    """What a dynamic or adaptive method returns for the runner to evaluate.
+
+    ``features``: per task, the pooled features of ``pool.inputs()[task]`` in input order (a dynamic
+    method); else ``body``: one state dict for every task or a function task -> state dict (an adaptive
+    method's merged body). ``heads``: task -> head replacing the experts' heads (SyMerge's adapted heads).
+    ``params``: the parameters as run (defaults filled in); ``extra``: what the results keep beside the
+    accuracies (routing summary), JSON-serialisable.
+    """
+
+    features: dict[str, Tensor] | None = None
+    body: Any = None
+    heads: Mapping[str, Any] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    result: Any = None  # the method's own result object (an AdaptResult), for callers that save it
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
-    fn: Callable[..., MergePlan]
+    fn: Callable[..., Any]  # static: (vectors, **params) -> MergePlan; dynamic/adaptive: (pool, **params) -> MethodOutput
     summary: str
     params: dict[str, Any]  # name -> default
+    kind: str = "static"
+    needs: str = "nothing"
+    model: type[BaseModel] | None = None  # the typed parameters
 
     def describe(self) -> str:
         ps = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{self.name}({ps}): {self.summary}"
 
+    def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Refuse unknown parameters and values of the wrong type, naming the field; the defaults filled in."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise InputError(
+                f"method {self.name!r} has no parameter(s) {unknown}; its parameters are {sorted(self.params)}"
+            )
+        if self.model is not None and self.kind != "static":
+            # static methods check their own values (ranges, per-task mappings) with messages naming the field;
+            # their signature model documents the types
+            try:
+                self.model.model_validate(dict(params))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                raise InputError(f"method {self.name!r}: parameter {where!r}: {err['msg']}, got {err.get('input')!r}") from None
+        return {**self.params, **params}
+
+
+def _signature_model(name: str, fn: Callable[..., Any]) -> tuple[dict[str, Any], type[BaseModel]]:
+    """Defaults and a pydantic model from ``fn``'s keyword parameters (all but the first)."""
+    sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve: validate that field as Any
+        hints = {}
+    fields: dict[str, Any] = {}
+    defaults: dict[str, Any] = {}
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+            continue
+        defaults[p.name] = p.default
+        fields[p.name] = (hints.get(p.name, Any), p.default)
+    model = create_model(f"{name}_params", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+                         **fields)
+    return defaults, model
+
 
 def register(name: str) -> Callable[[Callable[..., MergePlan]], Callable[..., MergePlan]]:
-    """Decorator: register ``fn(vectors, **params) -> MergePlan`` under ``name``."""
+    """Decorator: register the static method ``fn(vectors, **params) -> MergePlan`` under ``name``."""
 
     def deco(fn: Callable[..., MergePlan]) -> Callable[..., MergePlan]:
         if name in _REGISTRY:
             raise RuntimeError(f"merge method {name!r} registered twice")
-        sig = inspect.signature(fn)
-        params = {
-            p.name: p.default
-            for p in list(sig.parameters.values())[1:]
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        }
-        doc = inspect.getdoc(fn) or ""
-        _REGISTRY[name] = MethodInfo(name, fn, doc.split("\n\n")[0].replace("\n", " "), params)
+        params, model = _signature_model(name, fn)
+        _REGISTRY[name] = MethodInfo(name, fn, _summary(fn), params, "static", "nothing", model)
         return fn
 
     return deco
 
 
-def available() -> list[str]:
-    """Names of the registered static methods."""
-    return sorted(_REGISTRY)
+def register_method(name: str, *, kind: str, needs: str, params: type[BaseModel],
+                    summary: str | None = None) -> Callable[[Callable[..., MethodOutput]], Callable[..., MethodOutput]]:
+    """Decorator: register a dynamic or adaptive method ``run(pool, **params) -> MethodOutput``.
+
+    ``params``: a pydantic model of its parameters (every field with a default); ``needs``: a key of
+    :data:`DATA_NEEDS`.
+    """
+    if kind not in ("dynamic", "adaptive"):
+        raise ValueError(f"kind must be 'dynamic' or 'adaptive' (static methods use register), got {kind!r}")
+    if needs not in DATA_NEEDS:
+        raise ValueError(f"needs must be one of {list(DATA_NEEDS)}, got {needs!r}")
+
+    def deco(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"merge method {name!r} registered twice")
+        defaults = {k: f.get_default(call_default_factory=True) for k, f in params.model_fields.items()}
+        _REGISTRY[name] = MethodInfo(name, fn, summary or _summary(fn), defaults, kind, needs, params)
+        return fn
+
+    return deco
+
+
+def unregister(name: str) -> None:
+    """Remove a method (tests and plugins that register one for a while)."""
+    _REGISTRY.pop(name, None)
+
+
+def _summary(fn: Callable[..., Any]) -> str:
+    return (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+
+
+def available(kind: str | None = None) -> list[str]:
+    """Names of the registered methods, all kinds or one (``"static"``, ``"dynamic"``, ``"adaptive"``)."""
+    if kind is not None and kind not in KINDS:
+        raise InputError(f"unknown method kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return sorted(n for n, m in _REGISTRY.items() if kind is None or m.kind == kind)
 
 
 def get(name: str) -> MethodInfo:
@@ -82,6 +210,17 @@ def get(name: str) -> MethodInfo:
         return _REGISTRY[name]
     except KeyError:
         raise InputError(f"unknown merge method {name!r}; available: {', '.join(available())}") from None
+
+
+def get_static(name: str) -> MethodInfo:
+    """A static method's entry; a dynamic or adaptive one is refused (it has no single merged model)."""
+    info = get(name)
+    if info.kind != "static":
+        raise InputError(
+            f"{name!r} is a {info.kind} method: it has no single merged model to write; static methods: "
+            f"{', '.join(available('static'))} (run {info.kind} methods with `mergelab bench` or `mergelab adapt`)"
+        )
+    return info
 
 
 def plan(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], **params: Any) -> MergePlan:
@@ -92,13 +231,9 @@ def plan(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], *
 
 
 def check_params(method: str, params: Mapping[str, Any]) -> MethodInfo:
-    """The method's info, after refusing parameters it does not have."""
-    info = get(method)
-    unknown = sorted(set(params) - set(info.params))
-    if unknown:
-        raise InputError(
-            f"method {method!r} has no parameter(s) {unknown}; its parameters are {sorted(info.params)}"
-        )
+    """The static method's info, after refusing parameters it does not have or values of the wrong type."""
+    info = get_static(method)
+    info.check(params)
     return info
 
 

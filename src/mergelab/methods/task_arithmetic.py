@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .registry import MergePlan, per_task_values, register
+from mergelab.methods.registry import MergePlan, per_task_values, register
 
 
 @register("task_arithmetic")

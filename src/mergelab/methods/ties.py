@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .registry import MergePlan, per_task_values, register
-from .transforms import disjoint_split, elect_sign, trim
+from mergelab.methods.registry import MergePlan, per_task_values, register
+from mergelab.methods.transforms import disjoint_split, elect_sign, trim
 
 
 def ties_parts(vectors, density: float = 0.2, scope: str = "global"):

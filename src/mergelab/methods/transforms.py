@@ -20,9 +20,9 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from .. import kernels
-from ..errors import InputError
-from ..statedict import TaskVector
+from mergelab.core import kernels
+from mergelab.core.errors import InputError
+from mergelab.core.statedict import TaskVector
 
 Vectors = Mapping[str, TaskVector]
 

@@ -1,0 +1,95 @@
+"""The ``mergelab analyze`` analyses on a named benchmark: JSON and PNG into an output folder."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from mergelab.core.errors import InputError
+from mergelab.core.io import atomic_write_text
+from mergelab.experiment import plots
+from mergelab.experiment.analysis.se_study import (
+    cost_study,
+    fast_groups_study,
+    grid_study,
+    lowrank_study,
+    probe_study,
+    probe_sweep,
+)
+from mergelab.methods.dynamic import NORMALISATIONS, RouterConfig
+
+KINDS = ("auto-adaptation", "routing", "probe-sweep", "cost", "se-select", "lowrank", "fast-groups")
+
+
+def _write(out: Path, name: str, data) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(out / name, json.dumps(data, indent=2) + "\n")
+
+
+def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None = None, n_per_task: int = 100,
+                 n_calib: int = 32, layers: Sequence[int] | None = None, temperatures: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
+                 masses: Sequence[float] = (0.4, 0.6, 1.0), ranks: Sequence[int] = (4, 16, 64),
+                 groups_per_task: Sequence[int] = (1, 2, 3, 4), progress: bool = True) -> dict[str, Path]:
+    """Run one analysis on the validation split of ``ctx`` (a :class:`~mergelab.experiment.runner.BenchmarkContext`)."""
+    if kind not in KINDS:
+        raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
+    if n_per_task < 1 or n_calib < 1:
+        raise InputError(f"n_per_task and n_calib must be positive, got {n_per_task} and {n_calib}")
+    cfg = config or RouterConfig()
+    ctx.family.check_layer(cfg.layer)
+    out = Path(out)
+    files: dict[str, Path] = {}
+    if kind in ("auto-adaptation", "routing"):
+        study = probe_study(ctx, config=cfg, n_per_task=n_per_task, n_calib=n_calib, progress=progress)
+        files["json"] = _write(out, "probe_study.json", study)
+        files["auto_adaptation"] = plots.auto_adaptation_plot(study, out / "auto_adaptation.png", cfg.layer)
+        files["routing"] = plots.routing_plot(study["routing"], out / "routing_confusion.png")
+        files["routing_prototype"] = plots.routing_plot(study["routing_prototype"], out / "routing_confusion_prototype.png")
+    elif kind == "se-select":
+        # 1) rule and layer by routing accuracy (no forward beyond the probes), 2) temperature and mass by
+        # SE-Merging accuracy, both on validation.
+        study = probe_study(ctx, config=cfg, n_per_task=n_per_task, n_calib=n_calib, progress=progress)
+        best_rule, best_layer, best_acc = None, None, -1.0
+        for rule, accs in study["routing_accuracy"].items():
+            for layer, acc in enumerate(accs):
+                if layer >= 1 and acc > best_acc + 1e-9:  # layer 0 is the embeddings: no contextual signal
+                    best_rule, best_layer, best_acc = rule, layer, acc
+        grid = {}
+        for rule in dict.fromkeys([best_rule, cfg.normalisation]):
+            grid[rule] = grid_study(ctx, layer=best_layer if rule == best_rule else cfg.layer, normalisation=rule,
+                                    temperatures=temperatures, masses=masses, n_per_task=n_per_task, n_calib=n_calib,
+                                    progress=progress)
+        result = {"routing_accuracy": study["routing_accuracy"], "best_rule": best_rule, "best_layer": best_layer,
+                  "best_routing_accuracy": best_acc, "grid": grid, "split": "validation",
+                  "n_per_task": n_per_task, "n_calib": n_calib}
+        files["json"] = _write(out, "se_select.json", result)
+        files["auto_adaptation"] = plots.auto_adaptation_plot(study, out / "auto_adaptation.png", best_layer)
+    elif kind == "probe-sweep":
+        layers = list(layers) if layers else list(range(1, ctx.family.n_layers + 1))
+        for layer in layers:
+            ctx.family.check_layer(layer)
+        sweep = probe_sweep(ctx, layers=layers, config=cfg, n_per_task=n_per_task, n_calib=n_calib, progress=progress)
+        files["json"] = _write(out, "probe_sweep.json", sweep)
+        files["png"] = plots.probe_sweep_plot(sweep, out / "probe_sweep.png")
+    elif kind == "lowrank":
+        if any(int(r) < 1 for r in ranks):
+            raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
+        study = lowrank_study(ctx, ranks=ranks, config=cfg, n_per_task=n_per_task, n_calib=n_calib, progress=progress)
+        files["json"] = _write(out, "lowrank.json", study)
+        files["png"] = plots.lowrank_plot(study, out / "lowrank.png")
+    elif kind == "fast-groups":
+        if not groups_per_task or any(isinstance(g, bool) or int(g) != g or g < 1 for g in groups_per_task):
+            raise InputError(f"--groups-per-task must be positive integers, got {list(groups_per_task)}")
+        study = fast_groups_study(ctx, groups_per_task=[int(g) for g in groups_per_task], config=cfg,
+                                  n_per_task=n_per_task, n_calib=n_calib, progress=progress)
+        files["json"] = _write(out, "fast_groups.json", study)
+        files["png"] = plots.fast_groups_plot(study, out / "fast_groups.png")
+    else:
+        cost = cost_study(ctx, n_samples=max(5, n_per_task), config=cfg)
+        files["json"] = _write(out, "cost.json", cost)
+        files["png"] = plots.cost_plot(cost, out / "cost.png")
+    return files
+
+
+__all__ = ["KINDS", "NORMALISATIONS", "run_analysis"]

@@ -1,0 +1,35 @@
+"""Named benchmarks, expert fine-tuning and the expert cache."""
+
+from mergelab.pools.benchmarks import (
+    BENCHMARKS,
+    DEFAULT_BENCHMARK,
+    BenchmarkSpec,
+    TaskSpec,
+    get_benchmark,
+    register_benchmark,
+    resolve_backbone,
+)
+from mergelab.pools.finetune import (
+    Expert,
+    FinetuneRecipe,
+    cache_root,
+    expert_key,
+    get_or_train_expert,
+    train_expert,
+)
+
+__all__ = [
+    "BENCHMARKS",
+    "DEFAULT_BENCHMARK",
+    "BenchmarkSpec",
+    "Expert",
+    "FinetuneRecipe",
+    "TaskSpec",
+    "cache_root",
+    "expert_key",
+    "get_benchmark",
+    "get_or_train_expert",
+    "register_benchmark",
+    "resolve_backbone",
+    "train_expert",
+]
