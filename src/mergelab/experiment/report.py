@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,33 +21,56 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def standard_error(accuracy: float, n: int | None) -> float | None:
+    """Binomial standard error of an accuracy measured on ``n`` examples: sqrt(p (1 - p) / n)."""
+    if not n or accuracy is None:
+        return None
+    return math.sqrt(max(0.0, accuracy * (1 - accuracy)) / n)
+
+
+def _pct_se(x: float | None, se: float | None) -> str:
+    return _pct(x) if se is None or x is None else f"{100 * x:.1f} ±{100 * se:.1f}"
+
+
+STDERR_NOTE = ("± one standard error (binomial, from each task's test-set size; the average's from the tasks' "
+               "errors, taken as independent): differences within about two of them are noise.")
+
+
+def accuracy_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The accuracy table every renderer shows (terminal, Markdown, HTML): header and rows of cells, each
+    accuracy in % with its standard error where the test-set sizes are known (``results["splits"]``)."""
+    tasks = list(results["tasks"])
+    sizes = {t: (results.get("splits") or {}).get(t, {}).get("test") for t in tasks}
+    header = ["method", *tasks, "average", "normalised", "seconds"]
+    rows = []
+    for name, row in results["methods"].items():
+        per_task = row["per_task"]
+        errors = {t: standard_error(per_task.get(t), sizes[t]) for t in tasks}
+        avg_se = None
+        if tasks and all(e is not None for e in errors.values()):
+            avg_se = math.sqrt(sum(e * e for e in errors.values())) / len(tasks)
+        rows.append([name, *[_pct_se(per_task.get(t), errors[t]) for t in tasks], _pct_se(row.get("average"), avg_se),
+                     _pct(row.get("normalized_average")), f"{row.get('seconds') or 0:.0f}"])
+    return header, rows
+
+
 def rich_table(results: Mapping[str, Any]):
     from rich.table import Table
 
-    tasks = results["tasks"]
+    header, rows = accuracy_table(results)
     table = Table(title=f"{results['benchmark']}: test accuracy (%)")
-    table.add_column("method", style="bold")
-    for t in tasks:
-        table.add_column(t, justify="right")
-    table.add_column("avg", justify="right", style="bold")
-    table.add_column("norm", justify="right")
-    table.add_column("s", justify="right")
-    for name, row in results["methods"].items():
-        table.add_row(name, *[_pct(row["per_task"].get(t)) for t in tasks], _pct(row["average"]),
-                      _pct(row.get("normalized_average")), f"{row.get('seconds', 0):.0f}")
+    for j, h in enumerate(header):
+        table.add_column({"normalised": "norm", "seconds": "s", "average": "avg"}.get(h, h),
+                         justify="left" if j == 0 else "right", style="bold" if h in ("method", "average") else None)
+    for r in rows:
+        table.add_row(*r)
     return table
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
-    tasks = results["tasks"]
-    lines = [
-        "| method | " + " | ".join(tasks) + " | average | normalised | seconds |",
-        "|---|" + "---:|" * (len(tasks) + 3),
-    ]
-    for name, row in results["methods"].items():
-        cells = [_pct(row["per_task"].get(t)) for t in tasks]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(row['average'])} | "
-                     f"{_pct(row.get('normalized_average'))} | {row.get('seconds', 0):.0f} |")
+    header, rows = accuracy_table(results)
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -63,7 +87,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         f"# {results['benchmark']}",
         "",
         "Test accuracy (%) per task with each task's own head; *normalised* is the mean over tasks of "
-        "merged / expert accuracy.",
+        "merged / expert accuracy; " + STDERR_NOTE,
         "",
         markdown_table(results),
         "",

@@ -25,6 +25,7 @@ from typing import Any
 
 from mergelab.core.errors import InputError
 from mergelab.core.io import atomic_write_text
+from mergelab.experiment.report import STDERR_NOTE, accuracy_table
 
 # file name -> caption, in the order the report shows them
 KNOWN_PLOTS: dict[str, str] = {
@@ -190,7 +191,7 @@ def coefficient_panel(results: Mapping[str, Any], path: str | Path) -> Path | No
 def _numeric(rows: list[list[str]], j: int) -> bool:
     def num(c: str) -> bool:
         try:
-            float(c)
+            float(c.split(" ±")[0])
             return True
         except ValueError:
             return c == "-"
@@ -243,13 +244,9 @@ def render_report(run_dir: str | Path) -> dict[str, Path]:
     if acc is not None:
         title = str(acc.get("benchmark") or title)
         tasks = list(acc["tasks"])
-        header = ["method", *tasks, "average", "normalised", "seconds"]
-        rows = []
-        for name, r in acc["methods"].items():
-            rows.append([name, *[_pct(r["per_task"].get(t)) for t in tasks], _pct(r.get("average")),
-                         _pct(r.get("normalized_average")), f"{r.get('seconds') or 0:.0f}"])
+        header, rows = accuracy_table(acc)
         note = ("Test accuracy (%) per task; *normalised* is the mean over tasks of merged / expert accuracy "
-                "(the `individual` row).")
+                "(the `individual` row); " + STDERR_NOTE)
         sections.append(("Accuracy", note + "\n\n" + _md_table(header, rows),
                          f"<p>{html.escape(note.replace('*', ''))}</p>" + _html_table(header, rows)))
         params = [[n, ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()) or "-"]

@@ -321,11 +321,12 @@ def run_benchmark(
     results["pretrained"] = MethodResult(per_task, mean(list(per_task.values())),
                                          normalized_average(per_task, expert_acc), tm.seconds,
                                          extra=dict(REFERENCE_EXTRA))
-    _print_row(console, "individual", results["individual"])
-    _print_row(console, "pretrained", results["pretrained"])
+    progress_line = RowProgress(len(chosen) + 2)
+    for name in ("individual", "pretrained"):
+        _print_row(console, name, results[name], progress_line.step())
     results.update(run_rows(pool, chosen, expert_acc=expert_acc, validation=val, lambdas=spec.lambdas,
                             steps=dict(spec.adaptive_steps) if spec.adaptive_steps else None,
-                            on_row=lambda name, r: _print_row(console, name, r)))
+                            on_row=lambda name, r: _print_row(console, name, r, progress_line.step())))
 
     out = {
         "schema_version": SCHEMA_VERSION,
@@ -348,10 +349,29 @@ def run_benchmark(
     return out
 
 
-def _print_row(console, name: str, r: MethodResult) -> None:
+class RowProgress:
+    """The run's one progress line: rows done of the total, time since the rows began, an estimate of the
+    time left (the mean time per row so far times the rows left)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def step(self) -> str:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        return f"[{self.done}/{self.total} rows, {_clock(elapsed)} elapsed, ~{_clock(left)} left]"
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _print_row(console, name: str, r: MethodResult, progress: str = "") -> None:
     console.print(f"  {name:<22} avg {100 * r.average:5.1f}  "
                   + "  ".join(f"{t} {100 * a:5.1f}" for t, a in r.per_task.items())
-                  + f"  ({r.seconds:.0f}s)", highlight=False)
+                  + f"  ({r.seconds:.0f}s)  {progress}".rstrip(), highlight=False)
 
 
 def default_run_dir(benchmark: str, root: str | Path = "runs") -> Path:
