@@ -35,9 +35,13 @@ runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
 # Patched into the child: write half of the file, tell the parent, wait to be killed.
+# The child stands for a user's run in a terminal, where Ctrl-C raises KeyboardInterrupt. Started from a
+# background job (`nohup make test &`), it would inherit SIGINT ignored, and Python keeps an inherited
+# SIG_IGN: the SIGINT of test_merge_interrupted_cleans_up would be lost. So it sets the terminal's handler.
 SLOW_SAVE = r'''
-import os, sys, time
+import os, signal, sys, time
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import safetensors.torch as st
 
 READY = Path(sys.argv[1])

@@ -269,8 +269,9 @@ def test_parameters_out_of_range(pool, tmp_path, method, param, needle):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_scaling_that_overflows_float32_is_refused(pool, tmp_path, stream):
-    """A finite but huge coefficient overflows the float32 sum: refused, naming the key, instead of writing Inf."""
+def test_scaling_that_overflows_float32_is_refused(pool, tmp_path, stream, default_torch_threads):
+    """A finite but huge coefficient overflows the float32 sum: refused, naming the key, instead of writing Inf.
+    (Torch's default thread count: the streamed merge's default worker count, as users run it.)"""
     _, pre, a, b = pool
     out = tmp_path / "o"
     args = merge_args(pre, {"a": a, "b": b}, out, "task_arithmetic", "scaling=1.0e39") + (["--stream"] if stream else [])

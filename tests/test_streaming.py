@@ -52,6 +52,11 @@ def save_sharded(sd, directory, n_shards=3):
     return directory
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads(default_torch_threads):
+    """stream_merge's default worker count is torch's thread count: these tests run it as users do."""
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
