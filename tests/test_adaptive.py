@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -452,3 +453,40 @@ def test_cli_adapt_bad_input_exits_2(args, needle, tmp_path):
     assert result.exit_code == 2, result.output
     assert needle in result.output
     assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------- by hand
+def _entropy_objective(family, params, heads, texts, pairing) -> float:
+    """sum over tasks of the mean prediction entropy -sum_c p_c log p_c, task t's inputs through head pairing[t]."""
+    total = 0.0
+    with torch.no_grad():
+        for t, seq in texts.items():
+            p = torch.softmax(heads[pairing[t]](family.features(family.tokenize(list(seq)), params)).double(), -1)
+            total += float((-(p * p.log()).sum(-1)).mean())
+    return total
+
+
+def test_adamerging_first_loss_is_the_entropy_objective_by_hand(pool):
+    """AdaMerging's first step (all coefficients at their init 0.3, a batch = every input) minimises the
+    entropy objective written out here; pairing a task with another task's head gives another value."""
+    family, pre, experts, heads = pool
+    texts = {"senti": TEXTS["senti"][:8], "news": TEXTS["news"][:8]}
+    res = adamerging(family, pre, task_vectors(pre, experts), heads, texts, granularity="task", steps=1,
+                     batch_size=8, init=0.3, progress=False)
+    merged = reference_merge(pre, experts, dict.fromkeys(TASKS, 0.3))
+    merged = {k: v.float() if v.is_floating_point() else v for k, v in merged.items()}
+    own = _entropy_objective(family, merged, heads, texts, {"senti": "senti", "news": "news"})
+    assert res.losses[0] == pytest.approx(own, rel=1e-5)
+    # heads of a 2-class and a 3-class task: a swapped pairing gives a different objective
+    swapped = _entropy_objective(family, merged, heads, {"senti": texts["senti"]}, {"senti": "news"}) + \
+        _entropy_objective(family, merged, heads, {"news": texts["news"]}, {"news": "senti"})
+    assert abs(swapped - own) > 1e-3 and res.losses[0] != pytest.approx(swapped, rel=1e-5)
+
+
+def test_pearson_by_hand():
+    from mergelab.experiment.pilot import pearson
+
+    # x = 1, 2, 3; y = 2, 4, 7: mean 2 and 13/3; sxy = 5, sxx = 2, syy = 38/3 -> r = 5 / sqrt(76/3)
+    assert pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / math.sqrt(76 / 3))
+    assert pearson([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([1, 2], [1, 2]) is None and pearson([1, 1, 1], [1, 2, 3]) is None
