@@ -27,3 +27,14 @@ def iter_batches(texts: Sequence[Any], batch_size: int) -> Iterator[list[int]]:
         order = sorted(range(len(texts)), key=lambda i: input_length(texts[i]))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+def progress_bar(total: int, desc: str | None, enabled: bool, unit: str = "ex"):
+    """A tqdm bar that leaves no line behind, or ``None`` when progress is off (callers test for it)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)

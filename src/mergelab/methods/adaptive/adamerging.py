@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from mergelab.core.batching import input_length
+from mergelab.core.batching import input_length, progress_bar
 from mergelab.core.errors import InputError
 from mergelab.core.statedict import StateDict, TaskVector
 from mergelab.methods.adaptive.coefficients import MergedParams
@@ -61,16 +61,6 @@ def ties_vectors(vectors: Mapping[str, Mapping[str, Tensor]], density: float = 0
     zero = torch.zeros(())
     return {t: TaskVector({k: torch.where(torch.sign(v[k]) == signs[k], v[k], zero.to(v[k].dtype)) for k in v})
             for t, v in trimmed.items()}
-
-
-def progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
 
 
 def check_steps(steps: int, lr: float, batch_size: int) -> None:
@@ -146,7 +136,7 @@ def _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, s
 
     opt = torch.optim.Adam([merged.coefficients.raw], lr=lr)
     losses: list[float] = []
-    bar = progress_bar(steps, name, progress)
+    bar = progress_bar(steps, name, progress, unit="step")
     t1 = time.perf_counter()
     for step in range(steps):
         params = merged()

@@ -23,6 +23,8 @@ from mergelab.methods.registry import MethodOutput, register_method
 
 
 class AdaMergingParams(BaseModel):
+    """AdaMerging's optimisation (Yang et al. 2024): Adam on the coefficients, a batch per task per step."""
+
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(default=DEFAULT_ADAMERGING_STEPS, ge=0, description="adaptation steps (the paper: 500)")
@@ -36,14 +38,12 @@ class AdaMergingPlusPlusParams(AdaMergingParams):
     density: float = Field(default=0.2, gt=0, le=1, description="TIES trim density")
 
 
-class SyMergeParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SyMergeParams(AdaMergingParams):
+    """SyMerge's (Jung et al. 2024): AdaMerging's fields with its defaults, and the task-specific layer."""
 
     steps: int = Field(default=DEFAULT_SYMERGE_STEPS, ge=0, description="adaptation steps")
-    lr: float = Field(default=1e-2, gt=0, description="Adam learning rate")
+    lr: float = Field(default=1e-2, gt=0, description="Adam learning rate (the task layer is trained too)")
     batch_size: int = Field(default=32, ge=1, description="inputs per task per step")
-    init: float = Field(default=0.3, description="initial coefficient")
-    clamp: bool = Field(default=True, description="clamp coefficients to [0, 1]")
     task_layer: str = Field(default="head", description="the task-specific layer learned with the coefficients")
     loss: str = Field(default="selflabel", description="selflabel (the paper's) or entropy")
 

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mergelab.core.batching import input_length
+from mergelab.core.batching import input_length, progress_bar
 from mergelab.core.errors import InputError
 from mergelab.core.statedict import StateDict
-from mergelab.methods.adaptive.adamerging import build_merged, check_steps, entropy, progress_bar
+from mergelab.methods.adaptive.adamerging import build_merged, check_steps, entropy
 from mergelab.methods.adaptive.inputs import Cycler, TokenCache, check_texts, frozen_module
 from mergelab.methods.adaptive.result import AdaptResult, copy_heads
 
@@ -208,7 +208,7 @@ def _symerge(family, pretrained, vectors, heads, texts, tasks, experts, pseudo_l
     opt = torch.optim.Adam(trainable, lr=lr)
     losses: list[float] = []
     kept: list[float] = []
-    bar = progress_bar(steps, name, progress)
+    bar = progress_bar(steps, name, progress, unit="step")
     order: list[int] = []
     t1 = time.perf_counter()
     for step in range(steps):

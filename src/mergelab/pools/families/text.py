@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mergelab.core.batching import iter_batches
+from mergelab.core.batching import iter_batches, progress_bar
 from mergelab.core.errors import InputError
 from mergelab.pools.families.base import Family
 
@@ -156,16 +156,6 @@ class TextClassifierFamily(Family):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _progress(total: int, desc: str | None, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="ex", leave=False, dynamic_ncols=True)
-
-
 def head_classes(head: nn.Module) -> int | None:
     """How many classes a head outputs: its ``out_features``, else its last ``nn.Linear``'s (a head that
     wraps a pooler and a projection, say); ``None`` when it cannot tell."""
@@ -187,7 +177,7 @@ def embed(
 ) -> Tensor:
     """Pooled features of ``texts`` (``[N, hidden]``, in input order) under body parameters ``params``."""
     out: Tensor | None = None
-    bar = _progress(len(texts), desc, progress)
+    bar = progress_bar(len(texts), desc, progress)
     for idx in iter_batches(texts, batch_size):
         feats = family.features(family.tokenize([texts[i] for i in idx]), params)
         if out is None:
