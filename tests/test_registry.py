@@ -182,3 +182,19 @@ def test_results_schema_reads_both_versions(tmp_path):
     bad.write_text(json.dumps({"benchmark": "x", "tasks": ["a"], "methods": {"r": {"per_task": {"a": "high"}}}}))
     with pytest.raises(InputError, match=r"methods\.r\.per_task\.a"):
         read_results(bad)
+
+
+def test_parameter_errors_name_their_field():
+    from mergelab.core.errors import ParameterError
+
+    pre, experts = {"w": torch.zeros(4)}, {"a": {"w": torch.ones(4)}, "b": {"w": -torch.ones(4)}}
+    cases = [("ties", {"density": 2.0}, "density"), ("task_arithmetic", {"scaling": {"a": 0.3}}, "scaling"),
+             ("task_arithmetic", {"scaling": {"a": 0.3, "b": float("nan")}}, "scaling[b]"),
+             ("dare", {"drop_rate": 0.5, "seed": 0.5}, "seed"), ("average", {"weights": [1.0]}, "weights")]
+    for method, params, field in cases:
+        with pytest.raises(ParameterError) as err:
+            methods.merge(method, pre, experts, **params)
+        assert err.value.parameter == field, (method, params)
+    with pytest.raises(ParameterError) as err:
+        methods.get("se_merging").check({"temperature": "warm"})
+    assert err.value.parameter == "temperature"

@@ -15,6 +15,16 @@ class InputError(MergelabError, ValueError):
     """Bad input: a file, key, field or parameter that is not what was expected."""
 
 
+class ParameterError(InputError):
+    """A method parameter whose value the method refuses. ``parameter`` names it (``scaling[a]``: task
+    ``a``'s entry of a per-task ``scaling``), so a config check can point at the field without parsing
+    the message."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
 class IncompatibleModelsError(InputError):
     """The pretrained model and an expert cannot be merged (keys, shapes or values differ)."""
 

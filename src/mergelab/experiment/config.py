@@ -318,7 +318,6 @@ def benchmark_rows() -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- methods
 
-_PARAM_IN_MESSAGE = re.compile(r"parameter '([A-Za-z_]\w*)")
 
 
 def _synthetic_pool(tasks: Sequence[str]):
@@ -360,8 +359,8 @@ def check_methods_against_registry(cfg: RunConfig, where: str = "<config>", line
             try:
                 methods.plan(spec.name, pre, experts, **params)
             except (InputError, TypeError, ValueError) as exc:
-                m = _PARAM_IN_MESSAGE.search(str(exc))
-                key = m.group(1) if m and m.group(1) in spec.params else None
+                named = getattr(exc, "parameter", "").split("[")[0]  # a ParameterError names its field
+                key = named if named in spec.params else None
                 loc: Loc = ("methods", i, "params")
                 if key is not None:
                     loc += (key,) + ((index[key],) if key in index else ())

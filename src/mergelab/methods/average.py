@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from mergelab.core.errors import InputError
+from mergelab.core.errors import ParameterError
 from mergelab.methods.registry import MergePlan, check_number, register
 
 
@@ -26,16 +26,16 @@ def average(vectors, weights: Mapping[str, float] | Sequence[float] | None = Non
         w = dict.fromkeys(tasks, 1.0)
     elif isinstance(weights, Mapping):
         if set(weights) != set(tasks):
-            raise InputError(f"parameter 'weights' must name exactly the tasks {tasks}, got {sorted(weights)}")
+            raise ParameterError('weights', f"parameter 'weights' must name exactly the tasks {tasks}, got {sorted(weights)}")
         w = {t: check_number(f"weights[{t}]", weights[t], low=0.0) for t in tasks}
     elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise InputError(f"parameter 'weights' must be a mapping task -> weight or a list of weights, got {weights!r}")
+        raise ParameterError('weights', f"parameter 'weights' must be a mapping task -> weight or a list of weights, got {weights!r}")
     else:
         weights = list(weights)
         if len(weights) != len(tasks):
-            raise InputError(f"parameter 'weights' has {len(weights)} values for {len(tasks)} experts")
+            raise ParameterError('weights', f"parameter 'weights' has {len(weights)} values for {len(tasks)} experts")
         w = {t: check_number(f"weights[{i}]", x, low=0.0) for i, (t, x) in enumerate(zip(tasks, weights))}
     total = sum(w.values())
     if total <= 0:
-        raise InputError("parameter 'weights' must have a positive sum")
+        raise ParameterError('weights', "parameter 'weights' must have a positive sum")
     return MergePlan("average", dict(vectors), {t: w[t] / total for t in tasks}, {"weights": w})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from mergelab.core.errors import InputError
+from mergelab.core.errors import ParameterError
 from mergelab.methods.registry import MergePlan, per_task_values, register
 from mergelab.methods.ties import ties_parts
 from mergelab.methods.transforms import drop
@@ -33,10 +33,10 @@ def dare(
     sign election, which is mergekit's ``dare_ties``).
     """
     if combine not in ("task_arithmetic", "ties"):
-        raise InputError(f"parameter 'combine' must be 'task_arithmetic' or 'ties', got {combine!r}")
+        raise ParameterError('combine', f"parameter 'combine' must be 'task_arithmetic' or 'ties', got {combine!r}")
     tasks = list(vectors)
     if combine == "task_arithmetic" and density is not None:
-        raise InputError("parameter 'density' applies only with combine='ties'")
+        raise ParameterError('density', "parameter 'density' applies only with combine='ties'")
     if scaling is None:
         scaling = 0.3 if combine == "task_arithmetic" else 1.0
     coeffs = per_task_values("scaling", scaling, tasks)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from torch import Tensor
 
 from mergelab.core import kernels
-from mergelab.core.errors import InputError
+from mergelab.core.errors import InputError, ParameterError
 from mergelab.core.statedict import StateDict, TaskVector, combine, task_vectors
 
 Kind = Literal["static", "dynamic", "adaptive"]
@@ -131,7 +131,8 @@ class MethodInfo:
             except ValidationError as exc:
                 err = exc.errors()[0]
                 where = ".".join(str(p) for p in err["loc"])
-                raise InputError(f"method {self.name!r}: parameter {where!r}: {err['msg']}, got {err.get('input')!r}") from None
+                raise ParameterError(str(err["loc"][0]), f"method {self.name!r}: parameter {where!r}: {err['msg']}, "
+                                     f"got {err.get('input')!r}") from None
         return {**self.params, **params}
 
 
@@ -256,14 +257,14 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
                  low_open: bool = False, high_open: bool = False) -> float:
     """Return ``value`` as float or raise ValueError naming ``name`` and the allowed range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"parameter {name!r} must be a finite number, got {value!r}")
+        raise ParameterError(name, f"parameter {name!r} must be a finite number, got {value!r}")
     v = float(value)
     lo_bad = low is not None and (v <= low if low_open else v < low)
     hi_bad = high is not None and (v >= high if high_open else v > high)
     if lo_bad or hi_bad:
         lo = "" if low is None else f"{'(' if low_open else '['}{low}"
         hi = "" if high is None else f"{high}{')' if high_open else ']'}"
-        raise InputError(f"parameter {name!r} must be in {lo or '(-inf'}, {hi or 'inf)'}, got {value!r}")
+        raise ParameterError(name, f"parameter {name!r} must be in {lo or '(-inf'}, {hi or 'inf)'}, got {value!r}")
     return v
 
 
@@ -273,8 +274,8 @@ def per_task_values(name: str, value: Any, tasks: list[str], **range_kw: Any) ->
         missing = [t for t in tasks if t not in value]
         extra = [t for t in value if t not in tasks]
         if missing or extra:
-            raise InputError(
-                f"parameter {name!r}: per-task values must name exactly the tasks {tasks}; "
+            raise ParameterError(
+                name, f"parameter {name!r}: per-task values must name exactly the tasks {tasks}; "
                 f"missing {missing}, unknown {extra}"
             )
         return {t: check_number(f"{name}[{t}]", value[t], **range_kw) for t in tasks}

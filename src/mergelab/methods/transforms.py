@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from mergelab.core import kernels
-from mergelab.core.errors import InputError
+from mergelab.core.errors import InputError, ParameterError
 from mergelab.core.statedict import TaskVector
 
 Vectors = Mapping[str, TaskVector]
@@ -34,9 +34,9 @@ def trim(vectors: Vectors, density: float, scope: str = "global") -> dict[str, T
     ranks within each tensor separately (as mergekit does). Entries tied with the threshold are kept.
     """
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-        raise InputError(f"parameter 'density' must be in (0, 1], got {density!r}")
+        raise ParameterError('density', f"parameter 'density' must be in (0, 1], got {density!r}")
     if scope not in ("global", "tensor"):
-        raise InputError(f"parameter 'scope' must be 'global' or 'tensor', got {scope!r}")
+        raise ParameterError('scope', f"parameter 'scope' must be 'global' or 'tensor', got {scope!r}")
     out: dict[str, TaskVector] = {}
     for task, vec in vectors.items():
         if density == 1.0:
@@ -82,9 +82,9 @@ def disjoint_split(vectors: Vectors, signs: Mapping[str, Tensor]) -> dict[str, T
 
 def check_drop_params(drop_rate: float, seed: int) -> None:
     if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not (0.0 <= drop_rate < 1.0) or math.isnan(drop_rate):
-        raise InputError(f"parameter 'drop_rate' must be in [0, 1), got {drop_rate!r}")
+        raise ParameterError('drop_rate', f"parameter 'drop_rate' must be in [0, 1), got {drop_rate!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"parameter 'seed' must be an integer, got {seed!r}")
+        raise ParameterError('seed', f"parameter 'seed' must be an integer, got {seed!r}")
 
 
 def drop(vectors: Vectors, drop_rate: float, seed: int = 0) -> dict[str, TaskVector]:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from mergelab.core.errors import InputError
+from mergelab.core.errors import InputError, ParameterError
 
 NORMALISATIONS = ("raw", "relative", "ratio", "prototype")
 NEEDS_PRETRAINED = ("relative", "ratio")
@@ -54,9 +54,9 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise InputError(f"parameter 'layer' (probe layer) must be a non-negative integer, got {self.layer!r}")
+            raise ParameterError('layer', f"parameter 'layer' (probe layer) must be a non-negative integer, got {self.layer!r}")
         if self.normalisation not in NORMALISATIONS:
-            raise InputError(f"parameter 'normalisation' must be one of {NORMALISATIONS}, got {self.normalisation!r}")
+            raise ParameterError('normalisation', f"parameter 'normalisation' must be one of {NORMALISATIONS}, got {self.normalisation!r}")
         _positive("temperature", self.temperature)
         _positive("mass", self.mass)
 
@@ -66,7 +66,7 @@ class RouterConfig:
 
 def _positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise InputError(f"parameter {name!r} must be a positive finite number, got {value!r}")
+        raise ParameterError(name, f"parameter {name!r} must be a positive finite number, got {value!r}")
     return float(value)
 
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from mergelab.core.batching import iter_batches
-from mergelab.core.errors import InputError
+from mergelab.core.errors import ParameterError
 from mergelab.methods.dynamic import router as R
 from mergelab.methods.dynamic.se_merging import MODES, SEMerging
 from mergelab.methods.registry import MethodOutput, plan, register_method
@@ -105,9 +105,9 @@ def run_se(pool, normalisation: str, **params: Any) -> MethodOutput:
     """Build SE-Merging with one routing rule on ``pool``'s experts and run ``pool.inputs()`` through it."""
     p = SEParams(**params)
     if p.mode not in MODES:
-        raise InputError(f"parameter 'mode' must be one of {MODES}, got {p.mode!r}")
+        raise ParameterError('mode', f"parameter 'mode' must be one of {MODES}, got {p.mode!r}")
     if normalisation != "prototype" and p.mode in PROTOTYPE_MODES:
-        raise InputError(f"parameter 'mode': {p.mode!r} approximates the prototype rule (se_prototype); "
+        raise ParameterError('mode', f"parameter 'mode': {p.mode!r} approximates the prototype rule (se_prototype); "
                          f"this rule ({normalisation}) runs in 'exact', 'reference' or 'lowrank' mode")
     config = R.RouterConfig(layer=p.layer, normalisation=normalisation, temperature=p.temperature, mass=p.mass)
     se = SEMerging(pool.family, pool.pretrained, plan(p.base, pool.pretrained, pool.bodies, **p.base_params),
