@@ -38,7 +38,8 @@ def tiny_spec(tmp_path_factory: pytest.TempPathFactory) -> BenchmarkSpec:
         name="tiny", backbone=str(model), tasks=tuple(tasks),
         recipe=finetune.FinetuneRecipe(steps=4, batch_size=8, body_lr=1e-3, head_lr=1e-2, warmup_fraction=0.0),
         max_length=12, lambdas=(0.3, 0.6), search_per_task=5,
-        adaptive_steps=(("adamerging_taskwise", 2), ("adamerging_layerwise", 2), ("adamerging_plusplus", 2), ("symerge", 3)),
+        adaptive_steps=(("adamerging_taskwise", 2), ("adamerging_layerwise", 2), ("adamerging_plusplus", 2),
+                        ("adamerging_plusplus_taskwise", 2), ("symerge", 3)),
     )  # fmt: skip
 
 
@@ -55,7 +56,7 @@ def test_every_row_and_the_files(tiny_spec: BenchmarkSpec, tmp_path: Path, monke
     expected = {"individual", "pretrained", "average", "task_arithmetic", "task_arithmetic_0.3", "ties",
                 "dare_task_arithmetic", "dare_ties", "se_merging_task_arithmetic", "se_prototype_task_arithmetic",
                 "se_prototype_ties", "se_prototype_task_arithmetic_fast", "adamerging_taskwise", "adamerging_layerwise",
-                "adamerging_plusplus", "symerge", "task_arithmetic+symerge_heads", "ties+symerge_heads",
+                "adamerging_plusplus", "adamerging_plusplus_taskwise", "symerge", "task_arithmetic+symerge_heads", "ties+symerge_heads",
                 "se_prototype_task_arithmetic_fast+symerge_heads"}
     assert expected <= names, expected - names
     for row in res["methods"].values():
@@ -67,8 +68,8 @@ def test_every_row_and_the_files(tiny_spec: BenchmarkSpec, tmp_path: Path, monke
     if ta["params"]["scaling"] == 0.3:
         assert ta["per_task"] == ta03["per_task"]
         # individual, pretrained and 6 static rows evaluate on test, but the two at 0.3 share one evaluation
-        # (7); then the 4 adaptive rows and the 2 static transfer rows, all through the one runner
-        assert sum(1 for s in sizes if set(s.values()) == {8}) == 7 + 4 + 2
+        # (7); then the 5 adaptive rows and the 2 static transfer rows, all through the one runner
+        assert sum(1 for s in sizes if set(s.values()) == {8}) == 7 + 5 + 2
     # reuse of test features: the transfer rows rerun the static Task Arithmetic 0.3 and TIES bodies, and
     # SyMerge's pseudo-labels are each expert on its own test texts: three hits per task
     assert res["feature_cache"]["hits"] == 3 * len(res["tasks"])

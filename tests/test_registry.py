@@ -56,7 +56,8 @@ def registered():
 def test_kinds_needs_and_typed_parameters():
     assert methods.available("static") == ["average", "dare", "task_arithmetic", "ties"]
     assert {"se_merging", "se_prototype", "se_relative"} <= set(methods.available("dynamic"))
-    assert {"adamerging_taskwise", "adamerging_layerwise", "adamerging_plusplus", "symerge"} == set(methods.available("adaptive"))
+    assert {"adamerging_taskwise", "adamerging_layerwise", "adamerging_plusplus", "adamerging_plusplus_taskwise",
+            "symerge"} == set(methods.available("adaptive"))
     assert methods.get("se_merging").needs == "nothing" and methods.get("se_prototype").needs == "calibration"
     assert methods.get("symerge").needs == "unlabeled"
     with pytest.raises(InputError, match="'steps'"):  # a typed parameter, named in the message

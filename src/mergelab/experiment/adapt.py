@@ -14,7 +14,8 @@ import typer
 
 from mergelab.core.errors import InputError
 
-METHOD_NAMES = ("adamerging_taskwise", "adamerging_layerwise", "adamerging_plusplus", "symerge")  # the registry's adaptive methods
+METHOD_NAMES = ("adamerging_taskwise", "adamerging_layerwise", "adamerging_plusplus", "adamerging_plusplus_taskwise",
+                "symerge")  # the registry's adaptive methods
 
 
 def adapt(

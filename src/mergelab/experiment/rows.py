@@ -70,6 +70,7 @@ TABLE: tuple[Row, ...] = (
     Row("adamerging_taskwise", "adamerging_taskwise"),
     Row("adamerging_layerwise", "adamerging_layerwise"),
     Row("adamerging_plusplus", "adamerging_plusplus"),
+    Row("adamerging_plusplus_taskwise", "adamerging_plusplus_taskwise"),
     Row("symerge", "symerge"),
     Row("task_arithmetic+symerge_heads", "task_arithmetic", TA03, heads_from="symerge"),
     Row("ties+symerge_heads", "ties", {"density": 0.2, "scaling": "@ties.scaling"}, heads_from="symerge"),

@@ -150,7 +150,8 @@ REDUCED = BenchmarkSpec(
     max_length=48,
     description="three tasks, few steps: the slow end-to-end test (a few minutes on 2 cores)",
     lambdas=(0.3, 0.6, 1.0),
-    adaptive_steps=(("adamerging_taskwise", 6), ("adamerging_layerwise", 6), ("adamerging_plusplus", 6), ("symerge", 9)),
+    adaptive_steps=(("adamerging_taskwise", 6), ("adamerging_layerwise", 6), ("adamerging_plusplus", 6),
+                    ("adamerging_plusplus_taskwise", 6), ("symerge", 9)),
 )
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in (TEXT5, REDUCED)}

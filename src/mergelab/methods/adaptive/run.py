@@ -2,7 +2,8 @@
 
 - ``adamerging_taskwise`` / ``adamerging_layerwise``: AdaMerging (Yang et al., ICLR 2024, Eq. 4-6), one
   coefficient per task / per task and parameter tensor, entropy minimisation on the test inputs.
-- ``adamerging_plusplus``: layer-wise AdaMerging over TIES-trimmed, sign-elected vectors (AdaMerging++).
+- ``adamerging_plusplus`` / ``adamerging_plusplus_taskwise``: layer-wise / task-wise AdaMerging over
+  TIES-trimmed, sign-elected vectors (AdaMerging++).
 - ``symerge``: SyMerge (Jung et al., arXiv 2412.19098): layer-wise coefficients learned jointly with one
   task-specific layer per task against the experts' own pseudo-labels.
 
@@ -71,14 +72,25 @@ def _layerwise(pool, **params: Any) -> MethodOutput:
     return _adamerging(pool, "adamerging_layerwise", "layer", task_vectors(pool.pretrained, pool.bodies), params)
 
 
-@register_method("adamerging_plusplus", kind="adaptive", needs="unlabeled", params=AdaMergingPlusPlusParams,
-                 summary="AdaMerging++ (Yang et al. 2024): layer-wise AdaMerging over TIES-trimmed, "
-                         "sign-elected task vectors")
-def _plusplus(pool, **params: Any) -> MethodOutput:
+def _plusplus(pool, name: str, granularity: str, params: dict[str, Any]) -> MethodOutput:
     params = dict(params)
     density = params.pop("density", 0.2)
     vectors = ties_vectors(task_vectors(pool.pretrained, pool.bodies), density)
-    return _adamerging(pool, "adamerging_plusplus", "layer", vectors, params)
+    return _adamerging(pool, name, granularity, vectors, params)
+
+
+@register_method("adamerging_plusplus", kind="adaptive", needs="unlabeled", params=AdaMergingPlusPlusParams,
+                 summary="AdaMerging++ (Yang et al. 2024), layer-wise: AdaMerging over TIES-trimmed, "
+                         "sign-elected task vectors")
+def _plusplus_layerwise(pool, **params: Any) -> MethodOutput:
+    return _plusplus(pool, "adamerging_plusplus", "layer", params)
+
+
+@register_method("adamerging_plusplus_taskwise", kind="adaptive", needs="unlabeled", params=AdaMergingPlusPlusParams,
+                 summary="AdaMerging++ (Yang et al. 2024), task-wise: one coefficient per task over TIES-trimmed, "
+                         "sign-elected task vectors")
+def _plusplus_taskwise(pool, **params: Any) -> MethodOutput:
+    return _plusplus(pool, "adamerging_plusplus_taskwise", "task", params)
 
 
 @register_method("symerge", kind="adaptive", needs="unlabeled", params=SyMergeParams,
