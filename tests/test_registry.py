@@ -154,6 +154,9 @@ def test_row_names_say_what_runs():
     with pytest.raises(InputError, match="unknown row"):
         resolve(["nope"])
     assert [r.name for r in resolve(["se_relative"])] == ["se_relative"]  # opt-in rows run when asked
+    # any registered method by its name, with its default parameters
+    assert [(r.name, r.method, dict(r.params)) for r in resolve(["dare", "se_prototype"])] == \
+        [("dare", "dare", {}), ("se_prototype", "se_prototype", {})]
 
 
 def test_adapt_command_lists_the_registry_methods():

@@ -6,8 +6,8 @@ adapted (SyMerge's, the paper's transfer experiment). Parameter values written `
 value row ``ROW`` ran with (the scaling TIES chose on validation).
 
 :data:`TABLE` is the benchmark's table. Every other registered method gets a row named after it, with its
-default parameters, unless it is in :data:`OPT_IN` (then ``--row NAME`` runs it), so a newly registered
-method shows up in ``mergelab bench`` with no other change.
+default parameters, unless it is in :data:`OPT_IN`, so a newly registered method shows up in ``mergelab
+bench`` with no other change; ``--row NAME`` runs any registered method with its default parameters.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ TABLE: tuple[Row, ...] = (
     Row("se_prototype_task_arithmetic_fast+symerge_heads", "se_prototype",
         {"base": "task_arithmetic", "base_params": TA03, "mode": "fast"}, heads_from="symerge"),
 )
-OPT_IN = ("se_relative", "se_ratio")  # registered, run with --row NAME: not part of the default table
+OPT_IN = ("se_relative", "se_ratio")  # registered, not in the default table: run with --row NAME
 
 
 def default_rows() -> list[Row]:
@@ -88,8 +88,10 @@ def default_rows() -> list[Row]:
 
 
 def row_names() -> list[str]:
-    """Every row name ``mergelab bench`` knows: the reference rows, the default rows, the opt-in methods."""
-    return [*REFERENCE_ROWS, *(r.name for r in default_rows()), *(m for m in OPT_IN if m in methods.available())]
+    """Every row name ``mergelab bench`` knows: the reference rows, the default rows, then every registered
+    method's name (a row of that method with its default parameters)."""
+    names = [*REFERENCE_ROWS, *(r.name for r in default_rows())]
+    return [*names, *(m for m in methods.available() if m not in names)]
 
 
 def resolve(names: Sequence[str] | None) -> list[Row]:
@@ -98,9 +100,8 @@ def resolve(names: Sequence[str] | None) -> list[Row]:
     if names is None:
         return rows
     by_name = {r.name: r for r in rows}
-    for m in OPT_IN:
-        if m in methods.available():
-            by_name.setdefault(m, Row(m, m))
+    for m in methods.available():  # any method by its name, with its default parameters
+        by_name.setdefault(m, Row(m, m))
     unknown = [n for n in names if n not in by_name and n not in REFERENCE_ROWS]
     if unknown:
         raise InputError(f"unknown row(s) {unknown}; rows: {', '.join(row_names())}")
