@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mergelab.benchmarks.registry import BENCHMARKS, REDUCED
+from mergelab.pools.benchmarks import BENCHMARKS, REDUCED
 from mergelab.cli import app
 
 pytestmark = pytest.mark.slow
