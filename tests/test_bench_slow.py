@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mergelab.pools.benchmarks import BENCHMARKS, REDUCED
 from mergelab.cli import app
+from mergelab.pools.benchmarks import BENCHMARKS, REDUCED
 
 pytestmark = pytest.mark.slow
 
