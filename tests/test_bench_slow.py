@@ -56,4 +56,4 @@ def test_reduced_benchmark_end_to_end(tmp_path: Path) -> None:
     from mergelab.pools.benchmarks import get_benchmark
 
     ctx = load_context(get_benchmark("reduced"), cache_dir=cache, progress=False)
-    assert all(e.meta.get("cache_hit") for e in ctx.experts.values())
+    assert all(m.get("cache_hit") for m in ctx.expert_meta.values())

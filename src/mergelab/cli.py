@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +152,7 @@ def merge(
     under RUN_DIR/models/<label>, with results.json, results.md, merge_coefficients.png, config.yaml,
     environment.json, run.log and report.md/.html in RUN_DIR.
     """
-    from mergelab import methods
-    from mergelab.core import io
+    from mergelab.experiment.commands import merge_config_run, merge_flags
 
     if config is not None:
         given = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
@@ -162,68 +160,17 @@ def merge(
         if given:
             raise InputError(f"--config describes the pool and the methods; drop {', '.join(given)}"
                              + (" (streamed merges take the flag form)" if stream else ""))
-        _merge_config(config, out, quiet)
+        results, _, files = merge_config_run(config, out, quiet=quiet)
+        console.print(f"{len(results['merges'])} merge(s) in {results['seconds_total']:.1f}s -> {files}",
+                      highlight=False, soft_wrap=True)
         return
     missing = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
                               ("--out", out)) if not v]
     if missing:
         raise InputError(f"missing {', '.join(missing)} (or give --config FILE); see mergelab merge --help")
-    params = parse_params(param or [])
-    specs = parse_experts(expert)
-    methods.get_static(method)  # unknown or not static: fail before loading anything
-    io.check_output_path(out, [pretrained, *specs.values()])
-    io.check_replaceable(out)  # before loading anything
-    t0 = time.perf_counter()
-    if stream:
-        from mergelab.methods.streaming import stream_merge
-
-        stream_merge(method, pretrained, specs, out, shard_size=shard_size, progress=not quiet, **params)
-        console.print(f"streamed {len(specs)} experts with [bold]{method}[/] {params or ''} in "
-                      f"{time.perf_counter() - t0:.1f}s -> {out}", highlight=False)
-        return
-    pre_sd = io.load_state_dict(pretrained)
-    expert_sds = {name: io.load_state_dict(path) for name, path in specs.items()}
-    merged = methods.merge(method, pre_sd, expert_sds, **params)
-    pre_path = io.resolve_model_path(pretrained)
-    io.save_model(merged, out, like=pre_path if pre_path.is_dir() else None, inputs=[pretrained, *specs.values()])
-    console.print(
-        f"merged {len(specs)} experts with [bold]{method}[/] {params or ''} in {time.perf_counter() - t0:.1f}s -> {out}",
-        highlight=False,
-    )
-
-
-def _merge_config(config: Path, out: Path | None, quiet: bool) -> None:
-    from mergelab.experiment.config import load_config
-    from mergelab.experiment.report_page import render_report
-    from mergelab.experiment.rundir import (
-        default_run_dir,
-        logged_run,
-        merge_markdown,
-        resolve_device,
-        run_merges,
-        start_run,
-    )
-
-    cfg = load_config(config)
-    if cfg.kind != "merge":
-        raise InputError(f"{config}: has a 'benchmark' section; run it with mergelab bench --config {config}")
-    run_dir = Path(out or cfg.outputs.run_dir or default_run_dir(config.stem))
-    cfg = cfg.model_copy(update={"outputs": cfg.outputs.model_copy(update={"run_dir": str(run_dir)})})
-    device = resolve_device(cfg.device)
-    created = not run_dir.exists()
-    start_run(run_dir, cfg, inputs=cfg.pool.inputs(), device=device)
-
-    def body(log):
-        results = run_merges(cfg, run_dir, console=log, progress=not quiet, name=config.stem)
-        log.to_file(merge_markdown(results))
-        return results
-
-    results = logged_run(run_dir, quiet, body, created=created)
-    files = f"{run_dir}/results.json, results.md"
-    if cfg.outputs.report:
-        render_report(run_dir)
-        files += ", report.html"
-    console.print(f"{len(results['merges'])} merge(s) in {results['seconds_total']:.1f}s -> {files}", highlight=False, soft_wrap=True)
+    summary = merge_flags(method, pretrained, parse_experts(expert), parse_params(param or []), out, stream=stream,
+                          shard_size=shard_size, progress=not quiet)
+    console.print(summary, highlight=False)
 
 
 @app.command()
@@ -250,52 +197,19 @@ def bench(
 
         mergelab bench --config configs/text5.yaml
     """
-    from mergelab.experiment.config import BenchmarkConfig, RunConfig, benchmark_rows, load_config
+    from mergelab.experiment.commands import bench_config, bench_run
     from mergelab.experiment.report import rich_table
-    from mergelab.experiment.report_page import render_report
-    from mergelab.experiment.rundir import benchmark_spec, logged_run, start_run
-    from mergelab.experiment.runner import default_run_dir
 
     if config is not None:
         given = [f for f, v in (("--benchmark", benchmark != "text5"), ("--cache", cache), ("--row", row),
                                 ("--task", task)) if v]
         if given:
-            raise InputError(f"--config describes the benchmark; drop {', '.join(given)}")
-        cfg = load_config(config)
-        if cfg.kind != "bench":
-            raise InputError(f"{config}: has a 'pool' section; run it with mergelab merge --config {config}")
-    else:
-        known = benchmark_rows()
-        for r in row or []:
-            if r not in known:
-                raise InputError(f"--row {r!r}: unknown row; expected one of {', '.join(known)}")
-        cfg = RunConfig(benchmark=BenchmarkConfig(name=benchmark, rows=row or None,
-                                                  tasks=parse_experts(task, what="--task") if task else {},
-                                                  cache=str(cache) if cache else None))
-    spec = benchmark_spec(cfg)
-    out_dir = Path(out or cfg.outputs.run_dir or (default_run_dir(config.stem) if config else default_run_dir(spec.name)))
-    if out_dir.exists() and not out_dir.is_dir():  # e.g. --out naming a --task file
-        raise InputError(f"--out {out_dir}: exists and is not a folder; give a folder for the results")
-    cfg = cfg.model_copy(update={"outputs": cfg.outputs.model_copy(update={"run_dir": str(out_dir)})})
-    created = not out_dir.exists()
-    start_run(out_dir, cfg, inputs=list(cfg.benchmark.tasks.values()))
-
-    def body(log):
-        from mergelab.experiment.runner import run_benchmark
-
-        results = run_benchmark(spec, out_dir=out_dir, cache_dir=cfg.benchmark.cache, rows=cfg.benchmark.rows,
-                                progress=not quiet, console=log)
-        log.to_file(rich_table(results))
-        return results
-
-    results = logged_run(out_dir, quiet, body, created=created)
+            raise InputError(f"--config describes the benchmark or pool; drop {', '.join(given)}")
+    cfg = bench_config(config, benchmark=benchmark, cache=cache, rows=row,
+                       tasks=parse_experts(task, what="--task") if task else None)
+    results, _, files = bench_run(cfg, out, name=config.stem if config is not None else None, quiet=quiet)
     console.print(rich_table(results))
-    extra = ""
-    if cfg.outputs.report:
-        render_report(out_dir)
-        extra = ", report.html"
-    console.print(f"results: {out_dir}/results.json, results.md, accuracy.png{extra} ({results['seconds_total']:.0f}s)",
-                  highlight=False)
+    console.print(f"results: {files} ({results['seconds_total']:.0f}s)", highlight=False)
 
 
 @app.command()
@@ -330,6 +244,7 @@ def analyze(
         mergelab analyze routing --benchmark text5 --out runs/analysis
     """
     from mergelab.experiment.analysis.run import KINDS, run_analysis
+    from mergelab.experiment.commands import check_probe_layers
     from mergelab.experiment.rundir import logged_run, start_command_run
     from mergelab.experiment.runner import load_context
     from mergelab.methods.dynamic import RouterConfig
@@ -341,7 +256,7 @@ def analyze(
     if kind not in KINDS:
         raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
     spec = get_benchmark(benchmark)
-    _check_probe_layers(spec, [cfg.layer, *(layers or [])])
+    check_probe_layers(spec, [cfg.layer, *(layers or [])])
     if ranks and any(r < 1 for r in ranks):
         raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
     if groups_per_task and any(g < 1 for g in groups_per_task):
@@ -364,18 +279,6 @@ def analyze(
     files = logged_run(out, quiet, body, created=created)
     for name, path in files.items():
         console.print(f"{name}: {path}", highlight=False)
-
-
-def _check_probe_layers(spec, layers: list[int]) -> None:
-    """Refuse probe layers beyond the backbone's depth before any expert is trained or loaded."""
-    import json
-
-    config = spec.model_dir() / "config.json"
-    depth = json.loads(config.read_text()).get("num_hidden_layers")
-    for layer in layers:
-        if isinstance(depth, int) and not 0 <= layer <= depth:
-            raise InputError(f"probe layer {layer} is beyond the depth of {spec.backbone} ({depth} layers; "
-                             f"0 = embeddings, {depth} = last layer)")
 
 
 from mergelab.experiment.adapt import adapt as _adapt  # noqa: E402  (test-time adaptive merging, issue 5)

@@ -87,7 +87,7 @@ def run(*, method: str, benchmark: str, steps: int | None, out: Path, lr: float 
     spec = get_benchmark(benchmark)
     t0 = time.perf_counter()
     ctx = load_context(spec, cache_dir=cache, progress=not quiet, console=console)
-    splits, family, pre, bodies, heads = ctx.splits, ctx.family, ctx.pretrained, ctx.bodies, ctx.heads
+    splits, family, pre, bodies, heads = ctx.splits, ctx.family, ctx.pretrained, ctx.experts, ctx.heads
     console.print(f"{spec.name}: {len(bodies)} experts loaded ({time.perf_counter() - t0:.0f}s); adapting with "
                   f"[bold]{method}[/] on the {adapt_split} texts (labels are not read)", highlight=False)
     options: dict = {"clamp": clamp}
