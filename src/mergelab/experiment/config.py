@@ -387,7 +387,7 @@ def check_methods_against_registry(cfg: RunConfig, where: str = "<config>", line
         if info.kind != "static":
             fail(("methods", i, "name"), f"{spec.name!r} is a {info.kind} method: it has no single merged model to "
                  f"write; a merge config takes static methods ({', '.join(methods.available('static'))}); "
-                 "run it with a 'benchmark' config (benchmark.rows)")
+                 "run it with mergelab bench: a row of the pool's 'evaluation.rows' or of 'benchmark.rows'")
         for key, value in spec.params.items():
             if key not in info.params:
                 fail(("methods", i, "params", key), f"{spec.name!r} has no parameter {key!r}; its parameters are "
