@@ -650,6 +650,39 @@ def test_bench_config_on_tiny_clip_pool_with_a_saved_datasetdict(clip_pool, tmp_
         pool.family, methods.merge("task_arithmetic", pool.pretrained, pool.experts, scaling=best), pool.heads, test))
 
 
+
+def test_bench_config_lazy_datasets_equal_image_folders(clip_pool, tmp_path) -> None:
+    """The dynamic and adaptive rows read a lazily decoded DatasetDict column the same as images held in
+    memory: the same images saved as image folders and as saved DatasetDicts (PNG, lossless) give the
+    same numbers for every row, row by row."""
+    import datasets
+
+    from mergelab.experiment.results import read_results
+
+    root, folder_pool = clip_pool
+    evaluation = {"rows": ["se_merging_task_arithmetic", "se_prototype_task_arithmetic", "adamerging_layerwise"],
+                  "validation_per_task": 2, "steps": {"adamerging_layerwise": 2}}
+    folder_cfg = folder_pool.config.model_dump(exclude_defaults=True)
+    ds_cfg = yaml.safe_load(yaml.safe_dump(folder_cfg))
+    for task in CLIP_CLASSES:
+        d = folder_pool.data[task]
+        feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=d.label_names)})
+        datasets.DatasetDict({"test": datasets.Dataset.from_dict({"image": list(d.inputs), "label": list(d.labels)},
+                                                                 features=feats)}).save_to_disk(str(tmp_path / task))
+        ds_cfg["tasks"][task]["path"] = str(tmp_path / task)
+    runs = {}
+    for name, pool_cfg in (("folders", folder_cfg), ("datasets", ds_cfg)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"pool": pool_cfg, "evaluation": evaluation}))
+        result = _bench(path, tmp_path / f"run-{name}")
+        assert result.exit_code == 0, result.output
+        runs[name] = read_results(tmp_path / f"run-{name}" / "results.json")
+    assert set(runs["datasets"].methods) == {"individual", "pretrained", *evaluation["rows"]}
+    for row, r in runs["folders"].methods.items():
+        assert runs["datasets"].methods[row].per_task == pytest.approx(r.per_task), row
+    assert runs["datasets"].methods["se_merging_task_arithmetic"].routing is not None
+
+
 def test_bench_config_on_tiny_gpt2_pool(tmp_path) -> None:
     """A GPT-2 sequence-classification pool (texts and text pairs from CSV files) through ``bench --config``:
     the experts row equals each expert's own Hugging Face model scored here, the static rows equal their
