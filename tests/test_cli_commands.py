@@ -498,8 +498,8 @@ def test_adapt_and_analyze_write_options_environment_and_log(tiny_benchmark, tmp
     opts = json.loads((adapt / "options.json").read_text())
     assert opts["command"] == "adapt"
     assert opts["options"] | {"out": None} == {
-        "method": "adamerging_taskwise", "benchmark": "tiny-cli", "steps": 2, "out": None, "lr": None, "seed": 4,
-        "task_layer": "head", "loss": "selflabel", "clamp": True, "adapt_split": "test", "cache": cache,
+        "method": "adamerging_taskwise", "benchmark": "tiny-cli", "config": None, "steps": 2, "out": None, "lr": None,
+        "seed": 4, "task_layer": "head", "loss": "selflabel", "clamp": True, "adapt_split": "test", "cache": cache,
         "save_models": False, "evaluate": True, "threads": None}
     env = json.loads((adapt / "environment.json").read_text())
     assert env["device"] == "cpu" and env["torch"] == torch.__version__

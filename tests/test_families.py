@@ -597,6 +597,52 @@ def test_bench_config_on_tiny_torch_pool(torch_pool, tmp_path) -> None:
             os.environ["HF_HUB_OFFLINE"] = old
 
 
+def test_adapt_and_analyze_config_on_tiny_torch_pool(torch_pool, tmp_path) -> None:
+    """``adapt --config`` and ``analyze --config`` take the same pool config as ``bench --config``. With 0
+    steps, AdaMerging's model is Task Arithmetic at its initial 0.3: its test accuracy equals that merge
+    evaluated here on the examples after the held-out ones; the experts' accuracy is each expert's own."""
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+    from mergelab.pools.evaluate import evaluate_tasks
+
+    _, pool = torch_pool
+    cfg_path = tmp_path / "pool.yaml"
+    cfg_path.write_text(yaml.safe_dump({"pool": pool.config.model_dump(exclude_defaults=True),
+                                        "evaluation": {"validation_per_task": 3}}, sort_keys=False))
+    r = CliRunner().invoke(app, ["--quiet", "adapt", "--config", str(cfg_path), "--method", "adamerging_taskwise",
+                                 "--steps", "0", "--out", str(tmp_path / "adapt")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "adapt" / "result.json").read_text())
+    test = _held_out_test(pool, 3)
+    merged = {k: v + 0.3 * sum(pool.experts[t][k] - v for t in pool.tasks) for k, v in pool.pretrained.items()}
+    assert res["benchmark"] == "pool" and res["per_task"] == pytest.approx(
+        evaluate_tasks(pool.family, merged, pool.heads, test))
+    assert res["expert_per_task"] == pytest.approx(evaluate_tasks(pool.family, lambda t: pool.experts[t], pool.heads,
+                                                                  test))
+    assert json.loads((tmp_path / "adapt" / "options.json").read_text())["options"]["config"] == str(cfg_path)
+    r = CliRunner().invoke(app, ["--quiet", "analyze", "routing", "--config", str(cfg_path), "--layer", "1",
+                                 "--n-per-task", "2", "--out", str(tmp_path / "short")])
+    assert r.exit_code == 2 and "evaluation.validation_per_task" in r.output and not (tmp_path / "short").exists()
+    g = torch.Generator().manual_seed(7)  # 40 examples per task: 32 calibration + 4 analysed are held out
+    big = pool.config.model_dump(exclude_defaults=True)
+    for t in pool.tasks:
+        torch.save({"inputs": torch.randn(40, 6, generator=g), "labels": torch.randint(0, 3, (40,), generator=g)},
+                   tmp_path / f"{t}.pt")
+        big["tasks"][t]["path"] = str(tmp_path / f"{t}.pt")
+    big_path = tmp_path / "big.yaml"
+    big_path.write_text(yaml.safe_dump({"pool": big, "evaluation": {"validation_per_task": 36}}))
+    r = CliRunner().invoke(app, ["--quiet", "analyze", "routing", "--config", str(big_path), "--layer", "1",
+                                 "--n-per-task", "4", "--out", str(tmp_path / "analysis")])
+    assert r.exit_code == 0, r.output
+    study = json.loads((tmp_path / "analysis" / "probe_study.json").read_text())
+    assert study["tasks"] == pool.tasks and study["n_calib"] == 32  # the 4 analysed follow the 32 calibration ones
+    assert sum(map(sum, study["routing"]["confusion"])) == 4 * len(pool.tasks)
+    both = CliRunner().invoke(app, ["adapt", "--config", str(cfg_path), "-b", "reduced", "--method", "symerge",
+                                    "--out", str(tmp_path / "x")])
+    assert both.exit_code == 2 and "drop --benchmark" in both.output and not (tmp_path / "x").exists()
+
+
 def test_bench_config_on_tiny_clip_pool_with_a_saved_datasetdict(clip_pool, tmp_path) -> None:
     """The CLIP pool with each task's images in a saved ``datasets.DatasetDict`` (the hub configs' path):
     ``bench --config`` gives, per row, the accuracy computed here without the runner: each expert with its

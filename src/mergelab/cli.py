@@ -217,6 +217,7 @@ def bench(
 def analyze(
     kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select | lowrank | fast-groups"),
     benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark whose experts to analyse."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="A pool config (pool: + evaluation:) to analyse instead: its held-out validation examples."),
     out: Path = typer.Option(Path("runs/analysis"), "--out", "-o", help="Folder for the JSON and PNG files."),
     cache: Path | None = typer.Option(None, "--cache", help="Expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)."),
     layer: int | None = typer.Option(None, "--layer", help="SE-Merging probe layer (default: the router's)."),
@@ -229,7 +230,7 @@ def analyze(
     groups_per_task: list[int] | None = typer.Option(None, "--groups-per-task", help="fast-groups: quantized merged models per task to try (repeatable; default 1 2 3 4)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """SE-Merging analyses on a benchmark's validation split: JSON and PNG plots.
+    """SE-Merging analyses on a benchmark's (or a pool config's held-out) validation split: JSON and PNG plots.
 
     auto-adaptation / routing: per layer, the share of samples nearest to their own expert and the
     routing accuracy of each rule; distance matrix; routing confusion and weight entropy.
@@ -243,40 +244,15 @@ def analyze(
 
         mergelab analyze routing --benchmark text5 --out runs/analysis
     """
-    from mergelab.experiment.analysis.run import KINDS, run_analysis
-    from mergelab.experiment.commands import check_probe_layers
-    from mergelab.experiment.rundir import logged_run, start_command_run
-    from mergelab.experiment.runner import load_context
-    from mergelab.methods.dynamic import RouterConfig
-    from mergelab.pools.benchmarks import get_benchmark
+    from mergelab.experiment.commands import analyze_run
 
-    changes = {k: v for k, v in {"layer": layer, "normalisation": normalisation, "temperature": temperature,
-                                 "mass": mass}.items() if v is not None}
-    cfg = RouterConfig(**{**RouterConfig().to_dict(), **changes})
-    if kind not in KINDS:
-        raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
-    spec = get_benchmark(benchmark)
-    check_probe_layers(spec, [cfg.layer, *(layers or [])])
-    if ranks and any(r < 1 for r in ranks):
-        raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
-    if groups_per_task and any(g < 1 for g in groups_per_task):
-        raise InputError(f"--groups-per-task must be positive integers, got {list(groups_per_task)}")
-    group_list = tuple(groups_per_task) if groups_per_task else (1, 2, 3, 4)
-    rank_list = tuple(ranks) if ranks else (4, 16, 64)
-    created = not out.exists()
-    start_command_run(out, "analyze", {
-        "kind": kind, "benchmark": spec.name, "cache": cache, "router": cfg.to_dict(), "n_per_task": n_per_task,
-        "layers": list(layers) if layers else None, "ranks": list(rank_list), "groups_per_task": list(group_list)})
-
-    def body(log):
-        ctx = load_context(spec, cache_dir=cache, progress=not quiet, console=log)
-        files = run_analysis(kind, ctx, out, config=cfg, n_per_task=n_per_task, layers=layers, ranks=rank_list,
-                             groups_per_task=group_list, progress=not quiet)
-        for name, path in files.items():
-            log.to_file(f"{name}: {path}")
-        return files
-
-    files = logged_run(out, quiet, body, created=created)
+    if config is not None and (benchmark != "text5" or cache is not None):
+        raise InputError("--config names the pool; drop --benchmark and --cache")
+    router = {k: v for k, v in {"layer": layer, "normalisation": normalisation, "temperature": temperature,
+                                "mass": mass}.items() if v is not None}
+    files = analyze_run(kind, out, benchmark=benchmark, config=config, cache=cache, router=router,
+                        n_per_task=n_per_task, layers=layers, ranks=ranks, groups_per_task=groups_per_task,
+                        quiet=quiet)
     for name, path in files.items():
         console.print(f"{name}: {path}", highlight=False)
 

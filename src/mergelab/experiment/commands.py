@@ -5,7 +5,8 @@
 - :func:`merge_config_run`: ``mergelab merge --config`` (a pool's static sweep, each merged model saved);
 - :func:`bench_run`: ``mergelab bench`` on a named benchmark, on a user's task files, or on a pool
   config (``pool:`` + ``evaluation:``): every case through :func:`~mergelab.experiment.runner.run_pool`;
-- :func:`check_probe_layers`: ``mergelab analyze``'s probe layers against the backbone's depth.
+- :func:`analyze_run`: ``mergelab analyze`` on a named benchmark or a pool config (:func:`pool_or_benchmark`,
+  also ``mergelab adapt``'s pool); :func:`check_probe_layers`: probe layers against the backbone's depth.
 """
 
 from __future__ import annotations
@@ -142,24 +143,104 @@ def run_pool_config(cfg: RunConfig, out_dir: Path | None, *, name: str = "pool",
                     console=None) -> dict[str, Any]:
     """Load a config's pool, hold out each task's validation examples (``evaluation.validation_per_task``)
     and run the evaluation's rows on it (:func:`~mergelab.experiment.runner.run_pool`)."""
-    import dataclasses
-
     from mergelab.experiment.rows import resolve
     from mergelab.experiment.runner import run_pool
-    from mergelab.pools.pool import load_pool
 
     assert cfg.pool is not None
     ev = cfg.pool_evaluation()
     rows = resolve(ev.rows)  # unknown rows refused before any model is loaded
-    if not cfg.pool.tasks:
-        raise InputError("pool.tasks: none; evaluating a pool needs each task's data (pool.tasks.NAME.path)")
     t_start = time.perf_counter()
-    pool = load_pool(cfg.pool)
-    pool = dataclasses.replace(pool, name=name)
-    pool.hold_out(ev.validation_per_task, ev.limit)
+    pool = loaded_pool(cfg, name)
     return run_pool(pool, rows, out_dir=out_dir, lambdas=tuple(ev.lambdas), seed=cfg.seed, steps=ev.steps or None,
                     reference_params={"validation_per_task": ev.validation_per_task, "limit": ev.limit},
                     progress=progress, batch_size=ev.batch_size, console=console, t_start=t_start)
+
+
+def loaded_pool(cfg: RunConfig, name: str = "pool"):
+    """A config's pool, loaded (:func:`~mergelab.pools.pool.load_pool`), with each task's first
+    ``evaluation.validation_per_task`` examples held out as its validation split and the rest (the first
+    ``evaluation.limit``) as its test split (:meth:`~mergelab.pools.pool.ModelPool.hold_out`)."""
+    import dataclasses
+
+    from mergelab.pools.pool import load_pool
+
+    if cfg.pool is None:
+        raise InputError("the configuration has a 'benchmark' section, not a 'pool'")
+    if not cfg.pool.tasks:
+        raise InputError("pool.tasks: none; evaluating a pool needs each task's data (pool.tasks.NAME.path)")
+    ev = cfg.pool_evaluation()
+    pool = dataclasses.replace(load_pool(cfg.pool), name=name)
+    pool.hold_out(ev.validation_per_task, ev.limit)
+    return pool
+
+
+def pool_or_benchmark(config: Path | None, benchmark: str, cache: Path | None, *, progress: bool = True,
+                      console=None):
+    """``adapt`` and ``analyze``: the pool of a pool config (``--config``), else the named benchmark's
+    (experts fine-tuned or cached), both as a :class:`~mergelab.pools.pool.ModelPool`."""
+    if config is not None:
+        cfg = load_config(config)
+        if cfg.pool is None:
+            raise InputError(f"{config}: has a 'benchmark' section; give its name with --benchmark instead")
+        return loaded_pool(cfg, config.stem)
+    from mergelab.experiment.runner import load_context
+    from mergelab.pools.benchmarks import get_benchmark
+
+    return load_context(get_benchmark(benchmark), cache_dir=cache, progress=progress, console=console)
+
+
+ANALYSIS_CALIBRATION = 32  # calibration examples per task the analyses read first (run_analysis' n_calib)
+
+
+def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path | None = None,
+                cache: Path | None = None, router: Mapping[str, Any] | None = None, n_per_task: int = 100,
+                layers: Sequence[int] | None = None, ranks: Sequence[int] | None = None,
+                groups_per_task: Sequence[int] | None = None, quiet: bool = False) -> dict[str, Path]:
+    """``mergelab analyze``: one SE-Merging analysis on a named benchmark's or a pool config's validation
+    split; writes ``out`` (options.json, environment.json, run.log, the analysis' JSON and PNG files)."""
+    from mergelab.experiment.analysis.run import KINDS, run_analysis
+    from mergelab.experiment.rundir import logged_run, start_command_run
+    from mergelab.methods.dynamic import RouterConfig
+    from mergelab.pools.benchmarks import get_benchmark
+
+    cfg = RouterConfig(**{**RouterConfig().to_dict(), **dict(router or {})})
+    if kind not in KINDS:
+        raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
+    if config is None:
+        spec = get_benchmark(benchmark)
+        check_probe_layers(spec, [cfg.layer, *(layers or [])])
+    else:
+        load_config(config)  # a bad file is refused before the run directory is made
+    if ranks and any(r < 1 for r in ranks):
+        raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
+    if groups_per_task and any(g < 1 for g in groups_per_task):
+        raise InputError(f"--groups-per-task must be positive integers, got {list(groups_per_task)}")
+    group_list = tuple(groups_per_task) if groups_per_task else (1, 2, 3, 4)
+    rank_list = tuple(ranks) if ranks else (4, 16, 64)
+    created = not out.exists()
+    start_command_run(out, "analyze", {
+        "kind": kind, "benchmark": None if config is not None else benchmark, "config": config, "cache": cache,
+        "router": cfg.to_dict(), "n_per_task": n_per_task, "layers": list(layers) if layers else None,
+        "ranks": list(rank_list), "groups_per_task": list(group_list)})
+
+    def body(log):
+        pool = pool_or_benchmark(config, benchmark, cache, progress=not quiet, console=log)
+        if config is not None:  # a pool's validation split is its held-out examples: calibration, then analysis
+            short = {t: len(s["validation"]) for t, s in pool.splits.items() if len(s["validation"]) <= ANALYSIS_CALIBRATION}
+            if short:
+                raise InputError(f"{config}: evaluation.validation_per_task: the analyses read {ANALYSIS_CALIBRATION} "
+                                 f"calibration examples, then up to --n-per-task more, from each task's held-out "
+                                 f"examples; {short} hold too few (raise it above {ANALYSIS_CALIBRATION})")
+        for layer in layers or []:
+            pool.family.check_layer(layer)
+        files = run_analysis(kind, pool, out, config=cfg, n_per_task=n_per_task, n_calib=ANALYSIS_CALIBRATION,
+                             layers=layers, ranks=rank_list,
+                             groups_per_task=group_list, progress=not quiet)
+        for name, path in files.items():
+            log.to_file(f"{name}: {path}")
+        return files
+
+    return logged_run(out, quiet, body, created=created)
 
 
 def check_probe_layers(spec, layers: Sequence[int]) -> None:
@@ -174,4 +255,5 @@ def check_probe_layers(spec, layers: Sequence[int]) -> None:
                              f"0 = embeddings, {depth} = last layer)")
 
 
-__all__ = ["bench_config", "bench_run", "check_probe_layers", "merge_config_run", "merge_flags", "run_pool_config"]
+__all__ = ["analyze_run", "bench_config", "bench_run", "check_probe_layers", "loaded_pool", "merge_config_run",
+           "merge_flags", "pool_or_benchmark", "run_pool_config"]
