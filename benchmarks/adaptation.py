@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     spec = get_benchmark(args.benchmark)
     ctx = load_context(spec, cache_dir=args.cache, progress=False)
-    splits, family, pre, bodies, heads = ctx.splits, ctx.family, ctx.pretrained, ctx.bodies, ctx.heads
+    splits, family, pre, bodies, heads = ctx.splits, ctx.family, ctx.pretrained, ctx.experts, ctx.heads
     texts = {t: list(s["test"].texts) for t, s in splits.items()}  # texts only
     vectors = task_vectors(pre, bodies)
     n = args.warmup + args.steps

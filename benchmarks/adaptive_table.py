@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     spec = get_benchmark(args.benchmark)
     ctx = load_context(spec, cache_dir=args.cache, progress=False)
-    splits, family, pre, bodies, heads = ctx.splits, ctx.family, ctx.pretrained, ctx.bodies, ctx.heads
+    splits, family, pre, bodies, heads = ctx.splits, ctx.family, ctx.pretrained, ctx.experts, ctx.heads
     ev = {t: s[args.split] for t, s in splits.items()}
     path = Path(args.out)
     store = json.loads(path.read_text()) if path.is_file() else {}

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = get_benchmark(args.benchmark)
     ctx = load_context(spec, cache_dir=args.cache, progress=False)
     splits, family = ctx.splits, ctx.family
-    cross = cross_task_matrix(family, ctx.bodies, ctx.heads, {t: s["test"] for t, s in splits.items()},
+    cross = cross_task_matrix(family, ctx.experts, ctx.heads, {t: s["test"] for t, s in splits.items()},
                               max_per_task=args.per_task)
     out: dict = {"benchmark": spec.name, "cross_task": cross.to_json(), "relations": {}}
     merged_rows: dict = {}

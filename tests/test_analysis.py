@@ -17,12 +17,12 @@ from mergelab.experiment.analysis.representations import (
     routing_report,
 )
 from mergelab.experiment.analysis.run import run_analysis
-from mergelab.experiment.runner import BenchmarkContext
 from mergelab.experiment.se_evaluate import evaluate_se
 from mergelab.methods import plan as make_plan
 from mergelab.methods.dynamic import RouterConfig, SEMerging
 from mergelab.pools.data.tasks import TextTask
 from mergelab.pools.families.text import TextClassifierFamily
+from mergelab.pools.pool import ModelPool
 from tests.tiny_models import VOCAB, tiny_bert_config, tiny_tokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -30,7 +30,7 @@ WORDS = VOCAB[5:]
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory: pytest.TempPathFactory) -> BenchmarkContext:
+def ctx(tmp_path_factory: pytest.TempPathFactory) -> ModelPool:
     from transformers import BertModel
 
     d: Path = tmp_path_factory.mktemp("tiny-bert-analysis")
@@ -51,18 +51,18 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> BenchmarkContext:
                           for j in range(4)) + f" {k}" for k in range(50)]
         task = TextTask(t, texts, [k % 2 for k in range(50)], label_names=["x", "y"])
         splits[t] = {"train": task.subset(range(10)), "validation": task.subset(range(10, 50)), "test": task.subset(range(10))}
-    return BenchmarkContext(None, splits, family, pre, {}, heads, bodies)
+    return ModelPool(family=family, pretrained=pre, experts=bodies, heads=heads, splits=splits)
 
 
 def test_probe_analyses_match_direct_computation(ctx) -> None:
-    plan = make_plan("task_arithmetic", ctx.pretrained, ctx.bodies, scaling=0.3)
+    plan = make_plan("task_arithmetic", ctx.pretrained, ctx.experts, scaling=0.3)
     merged = plan.apply(ctx.pretrained)
     texts = {t: s["validation"].texts[:6] for t, s in ctx.splits.items()}
-    probes = collect_probes(ctx.family, {"merged": merged, "pretrained": ctx.pretrained, **ctx.bodies}, texts, batch_size=4)
+    probes = collect_probes(ctx.family, {"merged": merged, "pretrained": ctx.pretrained, **ctx.experts}, texts, batch_size=4)
     assert probes.reps["merged"].shape == (3, 18, 32)
     # direct: layer 2 of sample 7 (task t1, 2nd text) under expert t2
     batch = ctx.family.tokenize([texts["t1"][1]])
-    direct = ctx.family.hidden_states(batch, ctx.bodies["t2"])[2][0]
+    direct = ctx.family.hidden_states(batch, ctx.experts["t2"])[2][0]
     assert torch.allclose(probes.reps["t2"][2, 7], direct, atol=1e-5)
 
     aa = auto_adaptation(probes)
@@ -81,8 +81,8 @@ def test_probe_analyses_match_direct_computation(ctx) -> None:
 
 
 def test_evaluate_se_routing_summary_is_consistent(ctx) -> None:
-    plan = make_plan("task_arithmetic", ctx.pretrained, ctx.bodies, scaling=0.3)
-    se = SEMerging(ctx.family, ctx.pretrained, plan, ctx.bodies, RouterConfig(layer=1, normalisation="raw", temperature=0.3))
+    plan = make_plan("task_arithmetic", ctx.pretrained, ctx.experts, scaling=0.3)
+    se = SEMerging(ctx.family, ctx.pretrained, plan, ctx.experts, RouterConfig(layer=1, normalisation="raw", temperature=0.3))
     test = {t: s["test"] for t, s in ctx.splits.items()}
     acc, routing = evaluate_se(se, ctx.heads, test, batch_size=4)
     # accuracy by hand, sample by sample through the exact path

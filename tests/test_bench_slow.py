@@ -89,4 +89,4 @@ def test_reduced_benchmark_end_to_end(e2e_benchmark, tmp_path: Path) -> None:
     from mergelab.pools.benchmarks import get_benchmark
 
     ctx = load_context(get_benchmark(SPEC.name), cache_dir=cache, progress=False)
-    assert all(e.meta.get("cache_hit") for e in ctx.experts.values())
+    assert all(m.get("cache_hit") for m in ctx.expert_meta.values())

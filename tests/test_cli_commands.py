@@ -338,6 +338,60 @@ def test_bench_flag_form_writes_config_and_log(tiny_benchmark, tmp_path):
     assert (tmp_path / "run" / "run.log").read_text().strip()
 
 
+def test_bench_config_on_user_task_files(tiny_benchmark, tmp_path):
+    """A config naming the user's own CSV files (``benchmark.tasks``) runs through the same runner: the
+    static row equals ``methods.merge`` evaluated here on the experts the run cached, the experts row each
+    expert's own accuracy, and the resolved config records the files."""
+    from mergelab import methods
+    from mergelab.experiment.config import load_config
+    from mergelab.experiment.results import read_results
+    from mergelab.experiment.rundir import benchmark_spec
+    from mergelab.experiment.runner import load_context
+    from mergelab.pools.evaluate import evaluate_tasks
+
+    _, d = tiny_benchmark
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(f"benchmark:\n  name: tiny-cli\n  tasks: {{reviews: {d / 'task0.csv'}, news: {d / 'task1.csv'}}}\n"
+                   f"  rows: [task_arithmetic_0.3]\n  cache: {tmp_path / 'cache'}\n")
+    result = runner.invoke(app, ["--quiet", "bench", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    res = read_results(tmp_path / "run" / "results.json")
+    assert res.tasks == ["reviews", "news"] and set(res.methods) == {"individual", "pretrained", "task_arithmetic_0.3"}
+    pool = load_context(benchmark_spec(load_config(cfg)), cache_dir=tmp_path / "cache", progress=False)
+    assert all(m.get("cache_hit") for m in pool.expert_meta.values())  # the run's experts, not new ones
+    test = {t: s["test"] for t, s in pool.splits.items()}
+    merged = methods.merge("task_arithmetic", pool.pretrained, pool.experts, scaling=0.3)
+    assert res.methods["task_arithmetic_0.3"].per_task == pytest.approx(
+        evaluate_tasks(pool.family, merged, pool.heads, test))
+    for t in pool.tasks:
+        assert res.methods["individual"].per_task[t] == pytest.approx(
+            evaluate_tasks(pool.family, pool.experts[t], {t: pool.heads[t]}, {t: test[t]})[t])
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.benchmark.tasks == {"reviews": str(d / "task0.csv"), "news": str(d / "task1.csv")}
+
+
+def test_bench_pool_config_errors(pool, tmp_path):
+    """A pool config for bench: an unknown evaluation row names its line; a pool without task data, or
+    with too few examples to hold out, is refused naming the key; merge --config refuses a pool config
+    with no methods."""
+    base = f"pool:\n  pretrained: {pool / 'pre'}\n  experts: {{a: {pool / 'a'}, b: {pool / 'b'}}}\n"
+    bad = tmp_path / "b.yaml"
+    bad.write_text(base + "evaluation:\n  rows: [tie]\n")
+    assert_one_line_exit_2(runner.invoke(app, ["bench", "-c", str(bad), "--out", str(tmp_path / "r")]),
+                           f"{bad}:5: evaluation.rows[0]: unknown row 'tie'")
+    bad.write_text(base + "evaluation:\n  rows: [average]\n")
+    assert_one_line_exit_2(runner.invoke(app, ["bench", "-c", str(bad), "--out", str(tmp_path / "r")]),
+                           "pool.tasks: none")
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "a.csv").write_text("text,label\nthe movie,0\nbad film,1\n")
+    bad.write_text(base + f"  tasks: {{a: {{path: {tmp_path / 'a.csv'}}}, b: {{path: {tmp_path / 'a.csv'}}}}}\n"
+                   "evaluation:\n  rows: [average]\n  validation_per_task: 2\n")
+    assert_one_line_exit_2(runner.invoke(app, ["bench", "-c", str(bad), "--out", str(tmp_path / "r")]),
+                           "pool.tasks.a: 2 examples")
+    assert_one_line_exit_2(runner.invoke(app, ["merge", "-c", str(bad), "--out", str(tmp_path / "m")]),
+                           "methods: none")
+
+
 def test_bench_bad_input_exit_2(tmp_path):
     assert_one_line_exit_2(runner.invoke(app, ["bench", "--row", "tie", "--out", str(tmp_path / "r")]), "--row 'tie'")
     assert not (tmp_path / "r").exists()
@@ -356,8 +410,8 @@ def test_bench_bad_input_exit_2(tmp_path):
 def test_finetune_saves_an_hf_expert_equal_to_train_expert(tiny_benchmark, tmp_path):
     from transformers import AutoModel
 
+    from mergelab.pools.data.loaders import load_user_task
     from mergelab.pools.data.tasks import split_task
-    from mergelab.pools.data.user import load_user_task
     from mergelab.pools.families.text import TextClassifierFamily
     from mergelab.pools.finetune import FinetuneRecipe, train_expert
 
@@ -448,8 +502,8 @@ def test_adapt_and_analyze_write_options_environment_and_log(tiny_benchmark, tmp
     opts = json.loads((adapt / "options.json").read_text())
     assert opts["command"] == "adapt"
     assert opts["options"] | {"out": None} == {
-        "method": "adamerging_taskwise", "benchmark": "tiny-cli", "steps": 2, "out": None, "lr": None, "seed": 4,
-        "task_layer": "head", "loss": "selflabel", "clamp": True, "adapt_split": "test", "cache": cache,
+        "method": "adamerging_taskwise", "benchmark": "tiny-cli", "config": None, "steps": 2, "out": None, "lr": None,
+        "seed": 4, "task_layer": "head", "loss": "selflabel", "clamp": True, "adapt_split": "test", "cache": cache,
         "save_models": False, "evaluate": True, "threads": None}
     env = json.loads((adapt / "environment.json").read_text())
     assert env["device"] == "cpu" and env["torch"] == torch.__version__

@@ -85,6 +85,15 @@ def test_benchmark_config(tmp_path):
     assert cfg.kind == "bench" and cfg.benchmark.rows == ["ties", "symerge"]
 
 
+def test_pool_evaluation_config(tmp_path):
+    """A pool with an evaluation section and no methods is a bench config; its defaults hold 32 examples out."""
+    cfg = load_config(write(tmp_path, "pool: {pretrained: p, experts: {a: x}}\nevaluation: {rows: [ties], limit: 5}\n"))
+    assert cfg.kind == "merge" and cfg.methods == [] and cfg.evaluation.rows == ["ties"]
+    assert cfg.pool_evaluation().validation_per_task == 32 and cfg.evaluation.limit == 5
+    plain = load_config(write(tmp_path, "pool: {pretrained: p, experts: {a: x}}\nmethods: [{name: average}]\n"))
+    assert plain.evaluation is None and plain.pool_evaluation().rows is None
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_validate(path):
     cfg = load_config(path)
@@ -149,6 +158,13 @@ BAD = [
     ("benchmark: {name: text5}\ndevice: cuda\n", ":2: device:", "CPU"),
     ("- pool\n- methods\n", ":1:", "mapping"),
     ("seed: -1\npool: {pretrained: p, experts: {a: x}}\nmethods: [{name: average}]\n", ":1: seed:", "greater than or equal to 0"),
+    ("pool: {pretrained: p, experts: {a: x}}\nevaluation:\n  rows: [ties, tie]\n",
+     ":3: evaluation.rows[1]: unknown row 'tie'", "task_arithmetic_0.3"),
+    ("pool: {pretrained: p, experts: {a: x}}\nevaluation:\n  validation_per_task: -1\n",
+     ":3: evaluation.validation_per_task:", "greater than or equal to 0"),
+    ("pool: {pretrained: p, experts: {a: x}}\nevaluation:\n  row: [ties]\n", ":3: evaluation.row: unknown field",
+     "validation_per_task"),
+    ("benchmark: {name: text5}\nevaluation: {rows: [ties]}\n", ":1: (top level):", "'evaluation' applies to a 'pool'"),
 ]
 
 

@@ -10,18 +10,18 @@ import pytest
 
 from mergelab.core.errors import InputError
 from mergelab.pools.data import sources
+from mergelab.pools.data.loaders import load_csv_task, load_hf_task, load_jsonl_task, load_user_task
 from mergelab.pools.data.sources import SOURCES, TEXT_KIND, check_distinct_inputs, load_source
-from mergelab.pools.data.tasks import TextTask, split_task
-from mergelab.pools.data.user import load_csv_task, load_hf_task, load_jsonl_task, load_user_task
+from mergelab.pools.data.tasks import TaskData, TextTask, split_task
 
 WORDNET_PRESENT = (sources.WORDNET_DIR / "data.noun").is_file()
 
 
-def toy_task(n: int = 100, n_classes: int = 3, groups: bool = False) -> TextTask:
+def toy_task(n: int = 100, n_classes: int = 3, groups: bool = False) -> TaskData:
     labels = [i % n_classes for i in range(n)]
-    return TextTask(
+    return TaskData(
         name="toy",
-        texts=[f"text number {i}" for i in range(n)],
+        inputs=[f"text number {i}" for i in range(n)],
         labels=labels,
         ids=[f"toy-{i}" for i in range(n)],
         groups=[f"g{i // 5}" for i in range(n)] if groups else None,

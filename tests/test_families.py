@@ -389,7 +389,7 @@ def test_offline_hub_ids_fail_fast(tmp_path, monkeypatch) -> None:
                      experts={"mnist": "tanganke/clip-vit-base-patch32_mnist"})
     with pytest.raises(HubUnavailableError, match="openai/clip-vit-base-patch32.*hub is disabled"):
         load_pool(cfg)
-    from mergelab.pools.data.records import load_task_data
+    from mergelab.pools.data.loaders import load_task_data
     from mergelab.pools.pool import TaskDataConfig
 
     with pytest.raises(HubUnavailableError, match="pool.tasks.mnist: tanganke/mnist.*hub is disabled"):
@@ -539,42 +539,232 @@ def test_torch_family_errors(tmp_path, torch_pool) -> None:
         load_pool(pool.config.model_copy(update={"head": "head"}))
 
 
-def test_run_pool_script_on_tiny_pool(torch_pool, tmp_path) -> None:
-    """benchmarks/run_pool.py on the tiny torch pool: the Task Arithmetic row equals evaluate_tasks on the
-    merge written out, the experts row is 1.0 normalised, and an offline hub id exits 2."""
-    import importlib.util
+def _bench(config: Path, out: Path):
+    from typer.testing import CliRunner
 
+    from mergelab.cli import app
+
+    return CliRunner().invoke(app, ["--quiet", "bench", "--config", str(config), "--out", str(out)])
+
+
+def _held_out_test(pool, n_val: int) -> dict:
+    """Each task's examples after the first ``n_val`` (written out here, not with ModelPool.hold_out)."""
+    return {t: d.subset(range(n_val, len(d))) for t, d in pool.data.items()}
+
+
+def test_bench_config_on_tiny_torch_pool(torch_pool, tmp_path) -> None:
+    """``mergelab bench --config`` on the tiny torch pool (what benchmarks/run_pool.py did): the Task
+    Arithmetic row equals evaluate_tasks on the merge written out, over the examples after the two held
+    out; the experts row is 1.0 normalised; results.json reads back through the schema; an offline hub id
+    exits 2."""
+    from mergelab.experiment.results import read_results
     from mergelab.pools.evaluate import evaluate_tasks
 
-    spec = importlib.util.spec_from_file_location("run_pool", Path(__file__).parents[1] / "benchmarks" / "run_pool.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
     _, pool = torch_pool
     cfg_path = tmp_path / "pool.yaml"
     raw = pool.config.model_dump(exclude_defaults=True)
-    cfg_path.write_text(yaml.safe_dump({"pool": raw}, sort_keys=False))
-    out = tmp_path / "res.json"
-    assert mod.main([str(cfg_path), "--methods", "experts,task_arithmetic,se_merging", "--calibration", "2",
-                     "--out", str(out)]) == 0
-    res = json.loads(out.read_text())["methods"]
+    cfg_path.write_text(yaml.safe_dump({"pool": raw, "evaluation": {
+        "rows": ["task_arithmetic_0.3", "se_prototype_task_arithmetic"], "validation_per_task": 2}}, sort_keys=False))
+    result = _bench(cfg_path, tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    res = read_results(tmp_path / "run" / "results.json")
     merged = {k: v + 0.3 * sum(pool.experts[t][k] - v for t in pool.tasks) for k, v in pool.pretrained.items()}
-    splits = {t: type(d)(d.name, d.inputs[2:], d.labels[2:], d.label_names) for t, d in pool.data.items()}
-    assert res["task_arithmetic"]["per_task"] == pytest.approx(evaluate_tasks(pool.family, merged, pool.heads, splits))
-    assert res["experts"]["normalized_average"] == pytest.approx(1.0)
+    splits = _held_out_test(pool, 2)
+    assert res.methods["task_arithmetic_0.3"].per_task == pytest.approx(evaluate_tasks(pool.family, merged, pool.heads,
+                                                                                       splits))
+    assert res.methods["individual"].normalized_average == pytest.approx(1.0)
+    assert res.splits == {t: {"validation": 2, "test": 8} for t in pool.tasks}
+    assert res.methods["se_prototype_task_arithmetic"].data == "calibration"
+    assert (tmp_path / "run" / "report.html").is_file() and (tmp_path / "run" / "config.yaml").is_file()
     offline = tmp_path / "hub.yaml"
     offline.write_text(yaml.safe_dump({"pool": {"family": "sequence-classification", "pretrained": "gpt2",
-                                                "experts": {"cola": "tanganke/gpt2_cola"}}}))
+                                                "experts": {"cola": "tanganke/gpt2_cola"},
+                                                "tasks": {"cola": {"path": "nyu-mll/glue", "subset": "cola"}}},
+                                       "evaluation": {"rows": ["task_arithmetic_0.3"]}}))
     import os
 
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        assert mod.main([str(offline)]) == 2
+        result = _bench(offline, tmp_path / "hub-run")
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert "gpt2" in result.output and "hub is disabled" in result.output
+        assert not (tmp_path / "hub-run").exists()
     finally:
         if old is None:
             del os.environ["HF_HUB_OFFLINE"]
         else:
             os.environ["HF_HUB_OFFLINE"] = old
+
+
+def test_adapt_and_analyze_config_on_tiny_torch_pool(torch_pool, tmp_path) -> None:
+    """``adapt --config`` and ``analyze --config`` take the same pool config as ``bench --config``. With 0
+    steps, AdaMerging's model is Task Arithmetic at its initial 0.3: its test accuracy equals that merge
+    evaluated here on the examples after the held-out ones; the experts' accuracy is each expert's own."""
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+    from mergelab.pools.evaluate import evaluate_tasks
+
+    _, pool = torch_pool
+    cfg_path = tmp_path / "pool.yaml"
+    cfg_path.write_text(yaml.safe_dump({"pool": pool.config.model_dump(exclude_defaults=True),
+                                        "evaluation": {"validation_per_task": 3}}, sort_keys=False))
+    r = CliRunner().invoke(app, ["--quiet", "adapt", "--config", str(cfg_path), "--method", "adamerging_taskwise",
+                                 "--steps", "0", "--out", str(tmp_path / "adapt")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "adapt" / "result.json").read_text())
+    test = _held_out_test(pool, 3)
+    merged = {k: v + 0.3 * sum(pool.experts[t][k] - v for t in pool.tasks) for k, v in pool.pretrained.items()}
+    assert res["benchmark"] == "pool" and res["per_task"] == pytest.approx(
+        evaluate_tasks(pool.family, merged, pool.heads, test))
+    assert res["expert_per_task"] == pytest.approx(evaluate_tasks(pool.family, lambda t: pool.experts[t], pool.heads,
+                                                                  test))
+    assert json.loads((tmp_path / "adapt" / "options.json").read_text())["options"]["config"] == str(cfg_path)
+    r = CliRunner().invoke(app, ["--quiet", "analyze", "routing", "--config", str(cfg_path), "--layer", "1",
+                                 "--n-per-task", "2", "--out", str(tmp_path / "short")])
+    assert r.exit_code == 2 and "evaluation.validation_per_task" in r.output and not (tmp_path / "short").exists()
+    g = torch.Generator().manual_seed(7)  # 40 examples per task: 32 calibration + 4 analysed are held out
+    big = pool.config.model_dump(exclude_defaults=True)
+    for t in pool.tasks:
+        torch.save({"inputs": torch.randn(40, 6, generator=g), "labels": torch.randint(0, 3, (40,), generator=g)},
+                   tmp_path / f"{t}.pt")
+        big["tasks"][t]["path"] = str(tmp_path / f"{t}.pt")
+    big_path = tmp_path / "big.yaml"
+    big_path.write_text(yaml.safe_dump({"pool": big, "evaluation": {"validation_per_task": 36}}))
+    r = CliRunner().invoke(app, ["--quiet", "analyze", "routing", "--config", str(big_path), "--layer", "1",
+                                 "--n-per-task", "4", "--out", str(tmp_path / "analysis")])
+    assert r.exit_code == 0, r.output
+    study = json.loads((tmp_path / "analysis" / "probe_study.json").read_text())
+    assert study["tasks"] == pool.tasks and study["n_calib"] == 32  # the 4 analysed follow the 32 calibration ones
+    assert sum(map(sum, study["routing"]["confusion"])) == 4 * len(pool.tasks)
+    both = CliRunner().invoke(app, ["adapt", "--config", str(cfg_path), "-b", "reduced", "--method", "symerge",
+                                    "--out", str(tmp_path / "x")])
+    assert both.exit_code == 2 and "drop --benchmark" in both.output and not (tmp_path / "x").exists()
+
+
+def test_bench_config_on_tiny_clip_pool_with_a_saved_datasetdict(clip_pool, tmp_path) -> None:
+    """The CLIP pool with each task's images in a saved ``datasets.DatasetDict`` (the hub configs' path):
+    ``bench --config`` gives, per row, the accuracy computed here without the runner: each expert with its
+    zero-shot head (``individual``), the Task Arithmetic merge (``task_arithmetic_0.3``), and the searched
+    row's validation scores on the held-out images, its test score at the chosen scaling."""
+    import datasets
+
+    from mergelab import methods
+    from mergelab.experiment.results import read_results
+    from mergelab.pools.data.tasks import LazyColumn
+    from mergelab.pools.evaluate import evaluate_tasks
+
+    root, folder_pool = clip_pool
+    tasks = {}
+    for task in CLIP_CLASSES:
+        images = list(folder_pool.data[task].inputs)
+        labels = list(folder_pool.data[task].labels)
+        names = folder_pool.data[task].label_names
+        feats = datasets.Features({"img": datasets.Image(), "y": datasets.ClassLabel(names=names)})
+        ds = datasets.Dataset.from_dict({"img": images, "y": labels}, features=feats)
+        datasets.DatasetDict({"train": ds.select(range(2)), "test": ds}).save_to_disk(str(tmp_path / f"{task}_ds"))
+        tasks[task] = {"path": f"{task}_ds", "split": "test", "image_field": "img", "label_field": "y"}
+    tasks["objects"].update(class_names=["the bank", "music"], templates=["a {}"])
+    pool_cfg = {"family": "clip-vision", "pretrained": str(root / "clip"), "device": "cpu",
+                "experts": {t: str(root / f"expert_{t}") for t in CLIP_CLASSES},
+                "templates": ["a photo of a {}.", "the {} is good"], "tasks": tasks}
+    cfg_path = tmp_path / "clip.yaml"
+    cfg_path.write_text(yaml.safe_dump({"pool": pool_cfg, "evaluation": {
+        "rows": ["task_arithmetic_0.3", "task_arithmetic"], "validation_per_task": 3, "lambdas": [0.3, 1.0]}}))
+    result = _bench(cfg_path, tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    res = read_results(tmp_path / "run" / "results.json")
+    pool = load_pool_file(cfg_path)
+    assert isinstance(pool.data["scenes"].inputs, LazyColumn) and len(pool.data["scenes"]) == 9
+    assert pool.data["scenes"].label_names == folder_pool.data["scenes"].label_names
+    test = _held_out_test(pool, 3)
+    val = {t: d.subset(range(3)) for t, d in pool.data.items()}
+    experts = evaluate_tasks(pool.family, lambda t: pool.experts[t], pool.heads, test)
+    assert res.methods["individual"].per_task == pytest.approx(experts)
+    ta = methods.merge("task_arithmetic", pool.pretrained, pool.experts, scaling=0.3)
+    assert res.methods["task_arithmetic_0.3"].per_task == pytest.approx(evaluate_tasks(pool.family, ta, pool.heads,
+                                                                                        test))
+    searched = res.methods["task_arithmetic"]
+    scores = [float(np.mean(list(evaluate_tasks(pool.family, methods.merge("task_arithmetic", pool.pretrained,
+                                                                            pool.experts, scaling=lam),
+                                                  pool.heads, val).values()))) for lam in (0.3, 1.0)]
+    assert searched.validation["average"] == pytest.approx([round(v, 4) for v in scores], abs=1e-4)
+    best = (0.3, 1.0)[int(np.argmax(scores))]
+    assert searched.params["scaling"] == best
+    assert searched.per_task == pytest.approx(evaluate_tasks(
+        pool.family, methods.merge("task_arithmetic", pool.pretrained, pool.experts, scaling=best), pool.heads, test))
+
+
+
+def test_bench_config_lazy_datasets_equal_image_folders(clip_pool, tmp_path) -> None:
+    """The dynamic and adaptive rows read a lazily decoded DatasetDict column the same as images held in
+    memory: the same images saved as image folders and as saved DatasetDicts (PNG, lossless) give the
+    same numbers for every row, row by row."""
+    import datasets
+
+    from mergelab.experiment.results import read_results
+
+    root, folder_pool = clip_pool
+    evaluation = {"rows": ["se_merging_task_arithmetic", "se_prototype_task_arithmetic", "adamerging_layerwise"],
+                  "validation_per_task": 2, "steps": {"adamerging_layerwise": 2}}
+    folder_cfg = folder_pool.config.model_dump(exclude_defaults=True)
+    ds_cfg = yaml.safe_load(yaml.safe_dump(folder_cfg))
+    for task in CLIP_CLASSES:
+        d = folder_pool.data[task]
+        feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=d.label_names)})
+        datasets.DatasetDict({"test": datasets.Dataset.from_dict({"image": list(d.inputs), "label": list(d.labels)},
+                                                                 features=feats)}).save_to_disk(str(tmp_path / task))
+        ds_cfg["tasks"][task]["path"] = str(tmp_path / task)
+    runs = {}
+    for name, pool_cfg in (("folders", folder_cfg), ("datasets", ds_cfg)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"pool": pool_cfg, "evaluation": evaluation}))
+        result = _bench(path, tmp_path / f"run-{name}")
+        assert result.exit_code == 0, result.output
+        runs[name] = read_results(tmp_path / f"run-{name}" / "results.json")
+    assert set(runs["datasets"].methods) == {"individual", "pretrained", *evaluation["rows"]}
+    for row, r in runs["folders"].methods.items():
+        assert runs["datasets"].methods[row].per_task == pytest.approx(r.per_task), row
+    assert runs["datasets"].methods["se_merging_task_arithmetic"].routing is not None
+
+
+def test_bench_config_on_tiny_gpt2_pool(tmp_path) -> None:
+    """A GPT-2 sequence-classification pool (texts and text pairs from CSV files) through ``bench --config``:
+    the experts row equals each expert's own Hugging Face model scored here, the static rows equal their
+    merges evaluated directly, and the same config run twice gives the same numbers."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from mergelab import methods
+    from mergelab.experiment.results import read_results
+    from mergelab.pools.evaluate import evaluate_tasks
+
+    path = _seqcls_pool(tmp_path, "gpt2")
+    raw = yaml.safe_load(path.read_text())
+    raw["evaluation"] = {"rows": ["average", "task_arithmetic_0.3"], "validation_per_task": 1}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = _bench(path, tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    res = read_results(tmp_path / "run" / "results.json")
+    pool = load_pool_file(path)
+    test = _held_out_test(pool, 1)
+    for task, data in test.items():  # the expert's own model, outside mergelab's families
+        d = tmp_path / f"expert_{task}"
+        model = AutoModelForSequenceClassification.from_pretrained(str(d)).eval()
+        tok = AutoTokenizer.from_pretrained(str(d))
+        correct = 0
+        for x, y in zip(data.inputs, data.labels, strict=True):
+            enc = tok(*x, return_tensors="pt") if isinstance(x, tuple) else tok(x, return_tensors="pt")
+            with torch.no_grad():
+                correct += int(model(**enc).logits.argmax(-1).item() == y)
+        assert res.methods["individual"].per_task[task] == pytest.approx(correct / len(data))
+    for row, method, params in (("average", "average", {}), ("task_arithmetic_0.3", "task_arithmetic", {"scaling": 0.3})):
+        merged = methods.merge(method, pool.pretrained, pool.experts, **params)
+        assert res.methods[row].per_task == pytest.approx(evaluate_tasks(pool.family, merged, pool.heads, test))
+    again = _bench(path, tmp_path / "run2")
+    assert again.exit_code == 0, again.output
+    res2 = read_results(tmp_path / "run2" / "results.json")
+    assert {r: m.per_task for r, m in res2.methods.items()} == {r: m.per_task for r, m in res.methods.items()}
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -601,7 +791,7 @@ def test_per_sample_conv2d_matches_per_sample_conv() -> None:
 
 
 def test_task_data_files(tmp_path) -> None:
-    from mergelab.pools.data.records import load_task_data
+    from mergelab.pools.data.loaders import load_task_data
     from mergelab.pools.pool import TaskDataConfig
 
     _write_csv(tmp_path / "t.csv", [("good film", "pos"), ("bad film", "neg"), ("great", "pos")], ("text", "label"))
@@ -611,7 +801,7 @@ def test_task_data_files(tmp_path) -> None:
     cfg = TaskDataConfig(path=str(tmp_path / "p.jsonl"), text_field="q", text_pair_field="s", label_field="y", limit=3)
     d = load_task_data("p", cfg, "text")
     assert d.inputs == [("q0", "s0"), ("q1", "s1"), ("q2", "s2")] and d.labels == [0, 1, 0]
-    with pytest.raises(InputError, match="pool.tasks.p: row 0 has no field 'text'"):
+    with pytest.raises(InputError, match=r"pool.tasks.p: .*p\.jsonl: line 1: field 'text' is missing"):
         load_task_data("p", TaskDataConfig(path=str(tmp_path / "p.jsonl")), "text")
     with pytest.raises(InputError, match="no such file"):
         load_task_data("p", TaskDataConfig(path=str(tmp_path / "missing.csv")), "text")
@@ -644,7 +834,7 @@ def test_lazy_column_reads_items_on_demand() -> None:
     """Image columns of a datasets.Dataset are read per item; slices stay lazy; batching does not read
     every item to sort it (a fake dataset counts the reads)."""
     from mergelab.core.batching import iter_batches
-    from mergelab.pools.data.records import LazyColumn
+    from mergelab.pools.data.tasks import LazyColumn
 
     class Fake:
         reads = 0

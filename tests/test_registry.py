@@ -89,7 +89,7 @@ def test_registered_methods_reach_bench_results(registered, tiny_spec, tmp_path)
     # the "adaptive" body = Task Arithmetic 0.3
     ctx = load_context(tiny_spec, cache_dir=cache, progress=False)
     test = {t: s["test"] for t, s in ctx.splits.items()}
-    direct = evaluate_tasks(ctx.family, methods.merge("halfsum_test", ctx.pretrained, ctx.bodies), ctx.heads, test)
+    direct = evaluate_tasks(ctx.family, methods.merge("halfsum_test", ctx.pretrained, ctx.experts), ctx.heads, test)
     assert rows["halfsum_test"]["per_task"] == pytest.approx(direct)
     assert rows["oracle_test"]["per_task"] == pytest.approx(rows["individual"]["per_task"])
     assert rows["fixed_test"]["per_task"] == pytest.approx(rows["task_arithmetic_0.3"]["per_task"])

@@ -229,7 +229,7 @@ def test_hub_dataset_offline(monkeypatch):
     import sys
     import types
 
-    from mergelab.pools.data.user import load_hf_task
+    from mergelab.pools.data.loaders import load_hf_task
 
     fake = types.ModuleType("datasets")
 

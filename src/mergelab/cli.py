@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +152,7 @@ def merge(
     under RUN_DIR/models/<label>, with results.json, results.md, merge_coefficients.png, config.yaml,
     environment.json, run.log and report.md/.html in RUN_DIR.
     """
-    from mergelab import methods
-    from mergelab.core import io
+    from mergelab.experiment.commands import merge_config_run, merge_flags
 
     if config is not None:
         given = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
@@ -162,68 +160,17 @@ def merge(
         if given:
             raise InputError(f"--config describes the pool and the methods; drop {', '.join(given)}"
                              + (" (streamed merges take the flag form)" if stream else ""))
-        _merge_config(config, out, quiet)
+        results, _, files = merge_config_run(config, out, quiet=quiet)
+        console.print(f"{len(results['merges'])} merge(s) in {results['seconds_total']:.1f}s -> {files}",
+                      highlight=False, soft_wrap=True)
         return
     missing = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
                               ("--out", out)) if not v]
     if missing:
         raise InputError(f"missing {', '.join(missing)} (or give --config FILE); see mergelab merge --help")
-    params = parse_params(param or [])
-    specs = parse_experts(expert)
-    methods.get_static(method)  # unknown or not static: fail before loading anything
-    io.check_output_path(out, [pretrained, *specs.values()])
-    io.check_replaceable(out)  # before loading anything
-    t0 = time.perf_counter()
-    if stream:
-        from mergelab.methods.streaming import stream_merge
-
-        stream_merge(method, pretrained, specs, out, shard_size=shard_size, progress=not quiet, **params)
-        console.print(f"streamed {len(specs)} experts with [bold]{method}[/] {params or ''} in "
-                      f"{time.perf_counter() - t0:.1f}s -> {out}", highlight=False)
-        return
-    pre_sd = io.load_state_dict(pretrained)
-    expert_sds = {name: io.load_state_dict(path) for name, path in specs.items()}
-    merged = methods.merge(method, pre_sd, expert_sds, **params)
-    pre_path = io.resolve_model_path(pretrained)
-    io.save_model(merged, out, like=pre_path if pre_path.is_dir() else None, inputs=[pretrained, *specs.values()])
-    console.print(
-        f"merged {len(specs)} experts with [bold]{method}[/] {params or ''} in {time.perf_counter() - t0:.1f}s -> {out}",
-        highlight=False,
-    )
-
-
-def _merge_config(config: Path, out: Path | None, quiet: bool) -> None:
-    from mergelab.experiment.config import load_config
-    from mergelab.experiment.report_page import render_report
-    from mergelab.experiment.rundir import (
-        default_run_dir,
-        logged_run,
-        merge_markdown,
-        resolve_device,
-        run_merges,
-        start_run,
-    )
-
-    cfg = load_config(config)
-    if cfg.kind != "merge":
-        raise InputError(f"{config}: has a 'benchmark' section; run it with mergelab bench --config {config}")
-    run_dir = Path(out or cfg.outputs.run_dir or default_run_dir(config.stem))
-    cfg = cfg.model_copy(update={"outputs": cfg.outputs.model_copy(update={"run_dir": str(run_dir)})})
-    device = resolve_device(cfg.device)
-    created = not run_dir.exists()
-    start_run(run_dir, cfg, inputs=cfg.pool.inputs(), device=device)
-
-    def body(log):
-        results = run_merges(cfg, run_dir, console=log, progress=not quiet, name=config.stem)
-        log.to_file(merge_markdown(results))
-        return results
-
-    results = logged_run(run_dir, quiet, body, created=created)
-    files = f"{run_dir}/results.json, results.md"
-    if cfg.outputs.report:
-        render_report(run_dir)
-        files += ", report.html"
-    console.print(f"{len(results['merges'])} merge(s) in {results['seconds_total']:.1f}s -> {files}", highlight=False, soft_wrap=True)
+    summary = merge_flags(method, pretrained, parse_experts(expert), parse_params(param or []), out, stream=stream,
+                          shard_size=shard_size, progress=not quiet)
+    console.print(summary, highlight=False)
 
 
 @app.command()
@@ -250,52 +197,19 @@ def bench(
 
         mergelab bench --config configs/text5.yaml
     """
-    from mergelab.experiment.config import BenchmarkConfig, RunConfig, benchmark_rows, load_config
+    from mergelab.experiment.commands import bench_config, bench_run
     from mergelab.experiment.report import rich_table
-    from mergelab.experiment.report_page import render_report
-    from mergelab.experiment.rundir import benchmark_spec, logged_run, start_run
-    from mergelab.experiment.runner import default_run_dir
 
     if config is not None:
         given = [f for f, v in (("--benchmark", benchmark != "text5"), ("--cache", cache), ("--row", row),
                                 ("--task", task)) if v]
         if given:
-            raise InputError(f"--config describes the benchmark; drop {', '.join(given)}")
-        cfg = load_config(config)
-        if cfg.kind != "bench":
-            raise InputError(f"{config}: has a 'pool' section; run it with mergelab merge --config {config}")
-    else:
-        known = benchmark_rows()
-        for r in row or []:
-            if r not in known:
-                raise InputError(f"--row {r!r}: unknown row; expected one of {', '.join(known)}")
-        cfg = RunConfig(benchmark=BenchmarkConfig(name=benchmark, rows=row or None,
-                                                  tasks=parse_experts(task, what="--task") if task else {},
-                                                  cache=str(cache) if cache else None))
-    spec = benchmark_spec(cfg)
-    out_dir = Path(out or cfg.outputs.run_dir or (default_run_dir(config.stem) if config else default_run_dir(spec.name)))
-    if out_dir.exists() and not out_dir.is_dir():  # e.g. --out naming a --task file
-        raise InputError(f"--out {out_dir}: exists and is not a folder; give a folder for the results")
-    cfg = cfg.model_copy(update={"outputs": cfg.outputs.model_copy(update={"run_dir": str(out_dir)})})
-    created = not out_dir.exists()
-    start_run(out_dir, cfg, inputs=list(cfg.benchmark.tasks.values()))
-
-    def body(log):
-        from mergelab.experiment.runner import run_benchmark
-
-        results = run_benchmark(spec, out_dir=out_dir, cache_dir=cfg.benchmark.cache, rows=cfg.benchmark.rows,
-                                progress=not quiet, console=log)
-        log.to_file(rich_table(results))
-        return results
-
-    results = logged_run(out_dir, quiet, body, created=created)
+            raise InputError(f"--config describes the benchmark or pool; drop {', '.join(given)}")
+    cfg = bench_config(config, benchmark=benchmark, cache=cache, rows=row,
+                       tasks=parse_experts(task, what="--task") if task else None)
+    results, _, files = bench_run(cfg, out, name=config.stem if config is not None else None, quiet=quiet)
     console.print(rich_table(results))
-    extra = ""
-    if cfg.outputs.report:
-        render_report(out_dir)
-        extra = ", report.html"
-    console.print(f"results: {out_dir}/results.json, results.md, accuracy.png{extra} ({results['seconds_total']:.0f}s)",
-                  highlight=False)
+    console.print(f"results: {files} ({results['seconds_total']:.0f}s)", highlight=False)
 
 
 @app.command()
@@ -303,6 +217,7 @@ def bench(
 def analyze(
     kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select | lowrank | fast-groups"),
     benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark whose experts to analyse."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="A pool config (pool: + evaluation:) to analyse instead: its held-out validation examples."),
     out: Path = typer.Option(Path("runs/analysis"), "--out", "-o", help="Folder for the JSON and PNG files."),
     cache: Path | None = typer.Option(None, "--cache", help="Expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)."),
     layer: int | None = typer.Option(None, "--layer", help="SE-Merging probe layer (default: the router's)."),
@@ -315,7 +230,7 @@ def analyze(
     groups_per_task: list[int] | None = typer.Option(None, "--groups-per-task", help="fast-groups: quantized merged models per task to try (repeatable; default 1 2 3 4)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """SE-Merging analyses on a benchmark's validation split: JSON and PNG plots.
+    """SE-Merging analyses on a benchmark's (or a pool config's held-out) validation split: JSON and PNG plots.
 
     auto-adaptation / routing: per layer, the share of samples nearest to their own expert and the
     routing accuracy of each rule; distance matrix; routing confusion and weight entropy.
@@ -329,53 +244,17 @@ def analyze(
 
         mergelab analyze routing --benchmark text5 --out runs/analysis
     """
-    from mergelab.experiment.analysis.run import KINDS, run_analysis
-    from mergelab.experiment.rundir import logged_run, start_command_run
-    from mergelab.experiment.runner import load_context
-    from mergelab.methods.dynamic import RouterConfig
-    from mergelab.pools.benchmarks import get_benchmark
+    from mergelab.experiment.commands import analyze_run
 
-    changes = {k: v for k, v in {"layer": layer, "normalisation": normalisation, "temperature": temperature,
-                                 "mass": mass}.items() if v is not None}
-    cfg = RouterConfig(**{**RouterConfig().to_dict(), **changes})
-    if kind not in KINDS:
-        raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
-    spec = get_benchmark(benchmark)
-    _check_probe_layers(spec, [cfg.layer, *(layers or [])])
-    if ranks and any(r < 1 for r in ranks):
-        raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
-    if groups_per_task and any(g < 1 for g in groups_per_task):
-        raise InputError(f"--groups-per-task must be positive integers, got {list(groups_per_task)}")
-    group_list = tuple(groups_per_task) if groups_per_task else (1, 2, 3, 4)
-    rank_list = tuple(ranks) if ranks else (4, 16, 64)
-    created = not out.exists()
-    start_command_run(out, "analyze", {
-        "kind": kind, "benchmark": spec.name, "cache": cache, "router": cfg.to_dict(), "n_per_task": n_per_task,
-        "layers": list(layers) if layers else None, "ranks": list(rank_list), "groups_per_task": list(group_list)})
-
-    def body(log):
-        ctx = load_context(spec, cache_dir=cache, progress=not quiet, console=log)
-        files = run_analysis(kind, ctx, out, config=cfg, n_per_task=n_per_task, layers=layers, ranks=rank_list,
-                             groups_per_task=group_list, progress=not quiet)
-        for name, path in files.items():
-            log.to_file(f"{name}: {path}")
-        return files
-
-    files = logged_run(out, quiet, body, created=created)
+    if config is not None and (benchmark != "text5" or cache is not None):
+        raise InputError("--config names the pool; drop --benchmark and --cache")
+    router = {k: v for k, v in {"layer": layer, "normalisation": normalisation, "temperature": temperature,
+                                "mass": mass}.items() if v is not None}
+    files = analyze_run(kind, out, benchmark=benchmark, config=config, cache=cache, router=router,
+                        n_per_task=n_per_task, layers=layers, ranks=ranks, groups_per_task=groups_per_task,
+                        quiet=quiet)
     for name, path in files.items():
         console.print(f"{name}: {path}", highlight=False)
-
-
-def _check_probe_layers(spec, layers: list[int]) -> None:
-    """Refuse probe layers beyond the backbone's depth before any expert is trained or loaded."""
-    import json
-
-    config = spec.model_dir() / "config.json"
-    depth = json.loads(config.read_text()).get("num_hidden_layers")
-    for layer in layers:
-        if isinstance(depth, int) and not 0 <= layer <= depth:
-            raise InputError(f"probe layer {layer} is beyond the depth of {spec.backbone} ({depth} layers; "
-                             f"0 = embeddings, {depth} = last layer)")
 
 
 from mergelab.experiment.adapt import adapt as _adapt  # noqa: E402  (test-time adaptive merging, issue 5)

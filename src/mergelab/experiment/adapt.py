@@ -1,4 +1,4 @@
-"""``mergelab adapt``: test-time adaptive merging on a named benchmark, with its cached experts.
+"""``mergelab adapt``: test-time adaptive merging on a named benchmark (its cached experts) or a pool config.
 
 Registered in :mod:`mergelab.cli`; this module only imports typer at load time (torch and the
 benchmark are imported when the command runs), so ``mergelab --help`` stays fast.
@@ -22,6 +22,7 @@ def adapt(
     method: str = typer.Option(..., "--method", "-m",
                                help="adamerging_taskwise, adamerging_layerwise, adamerging_plusplus or symerge."),
     benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark whose cached experts to merge."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="A pool config (pool: + evaluation:) whose experts to merge instead; its held-out split is 'validation', the rest 'test'."),
     steps: int | None = typer.Option(None, "--steps", help="Optimiser steps (default: the method's, which fits 5 min on 2 cores)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: coefficients.json, coefficients.png, heads, result.json."),
     lr: float | None = typer.Option(None, "--lr", help="Adam learning rate (default 1e-3 AdaMerging, 1e-2 SyMerge)."),
@@ -58,11 +59,17 @@ def adapt(
         raise InputError(f"--loss {loss!r}: expected selflabel or entropy")
     if threads is not None and threads < 1:
         raise InputError(f"--threads {threads}: expected a positive integer")
+    if config is not None and (benchmark != "text5" or cache is not None):
+        raise InputError("--config names the pool; drop --benchmark and --cache")
+    if config is not None:
+        from mergelab.experiment.config import load_config
+
+        load_config(config)  # a bad file is refused before the output folder is made
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
     from mergelab.experiment.rundir import logged_run, start_command_run
 
-    options = dict(method=method, benchmark=benchmark, steps=steps, out=out, lr=lr, seed=seed, task_layer=task_layer,
+    options = dict(method=method, benchmark=None if config is not None else benchmark, config=config, steps=steps, out=out, lr=lr, seed=seed, task_layer=task_layer,
                    loss=loss, clamp=not no_clamp, adapt_split=adapt_split, cache=cache, save_models=save_models,
                    evaluate=not no_eval, threads=threads)
     created = not out.exists()
@@ -70,7 +77,7 @@ def adapt(
     logged_run(out, quiet, lambda log: run(**options, quiet=quiet, console=log), created=created)
 
 
-def run(*, method: str, benchmark: str, steps: int | None, out: Path, lr: float | None, seed: int, task_layer: str,
+def run(*, method: str, benchmark: str | None, config: Path | None = None, steps: int | None, out: Path, lr: float | None, seed: int, task_layer: str,
         loss: str, clamp: bool, adapt_split: str, cache: Path | None, save_models: bool, evaluate: bool,
         quiet: bool, threads: int | None = None, console=None) -> dict:
     import torch
@@ -78,29 +85,29 @@ def run(*, method: str, benchmark: str, steps: int | None, out: Path, lr: float 
 
     from mergelab.core.io import atomic_write_text
     from mergelab.experiment.adaptive_rows import adapt as run_adapt
-    from mergelab.experiment.runner import load_context
-    from mergelab.pools.benchmarks import get_benchmark
+    from mergelab.experiment.commands import pool_or_benchmark
+    from mergelab.pools.data.tasks import LazyColumn
     from mergelab.pools.evaluate import evaluate_tasks, mean, normalized_average
 
     if threads:
         torch.set_num_threads(threads)
     console = console or Console(stderr=True, quiet=quiet)
-    spec = get_benchmark(benchmark)
     t0 = time.perf_counter()
-    ctx = load_context(spec, cache_dir=cache, progress=not quiet, console=console)
-    splits, family, pre, bodies, heads = ctx.splits, ctx.family, ctx.pretrained, ctx.bodies, ctx.heads
-    console.print(f"{spec.name}: {len(bodies)} experts loaded ({time.perf_counter() - t0:.0f}s); adapting with "
+    ctx = pool_or_benchmark(config, benchmark or "text5", cache, progress=not quiet, console=console)
+    splits, family, pre, bodies, heads = ctx.splits, ctx.family, ctx.pretrained, ctx.experts, ctx.heads
+    console.print(f"{ctx.name}: {len(bodies)} experts loaded ({time.perf_counter() - t0:.0f}s); adapting with "
                   f"[bold]{method}[/] on the {adapt_split} texts (labels are not read)", highlight=False)
     options: dict = {"clamp": clamp}
     if lr is not None:
         options["lr"] = lr
     if method == "symerge":
         options.update(task_layer=task_layer, loss=loss)
-    texts = {t: list(s[adapt_split].texts) for t, s in splits.items()}
+    texts = {t: s[adapt_split].inputs if isinstance(s[adapt_split].inputs, LazyColumn) else list(s[adapt_split].inputs)
+             for t, s in splits.items()}
     result = run_adapt(method, family, pre, bodies, heads, texts, steps=steps, seed=seed, progress=not quiet,
                        **options)
     files = result.save(out)
-    summary = {"benchmark": spec.name, "adapt_split": adapt_split, **result.summary()}
+    summary = {"benchmark": ctx.name, "adapt_split": adapt_split, **result.summary()}
     if evaluate:
         test = {t: s["test"] for t, s in splits.items()}
         expert_acc = evaluate_tasks(family, lambda t: bodies[t], heads, test, progress=not quiet, label="experts")

@@ -1,8 +1,10 @@
 """Run configuration files (YAML), validated with pydantic.
 
-A configuration describes either a **pool** of models to merge with a list of **methods** (``mergelab
-merge --config``) or a named **benchmark** (``mergelab bench --config``), plus the **outputs**, the
-**seed** and the **device**. docs/cli.md lists every field. Example::
+A configuration describes either a **pool** of models (pretrained model, experts, each task's data),
+or a named **benchmark** (``mergelab bench --config``), plus the **outputs**, the **seed** and the
+**device**. A pool is merged with its list of **methods** (``mergelab merge --config``) and evaluated
+with the rows of its **evaluation** section (``mergelab bench --config``; a pool config needs one of
+the two, and may have both). docs/cli.md lists every field. Example::
 
     pool:
       pretrained: ./models/base
@@ -93,6 +95,26 @@ class BenchmarkConfig(BaseModel):
     cache: str | None = Field(default=None, description="expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)")
 
 
+class EvaluationConfig(BaseModel):
+    """``mergelab bench --config`` on a pool: the rows, and how each task's one data set is split.
+
+    A pool YAML gives one labeled data set per task. Its first ``validation_per_task`` examples are held
+    out: they are the labeled validation data of the searched rows (``task_arithmetic``, ``ties``...) and
+    the calibration inputs of ``se_prototype`` rows, and no row is evaluated on them. Every row is
+    evaluated on the rest (the first ``limit`` of it, if given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: list[str] | None = Field(default=None, description="rows to run (default: every row of mergelab bench)")
+    validation_per_task: int = Field(default=32, ge=0, description="first N examples of each task held out as "
+                                     "validation / calibration data, never evaluated")
+    limit: int | None = Field(default=None, ge=1, description="evaluate the first N remaining examples per task only")
+    lambdas: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0],
+                                 min_length=1, description="Task Arithmetic scaling grid of the searched rows")
+    steps: dict[str, int] = Field(default_factory=dict, description="adaptive method -> steps (default: its own)")
+    batch_size: int = Field(default=64, ge=1)
+
+
 _DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 
 
@@ -104,6 +126,7 @@ class RunConfig(BaseModel):
     pool: PoolConfig | None = None
     methods: list[MethodSpec] = Field(default_factory=list)
     benchmark: BenchmarkConfig | None = None
+    evaluation: EvaluationConfig | None = None
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     seed: int = Field(default=0, ge=0)
     device: str = Field(default="cpu", description="cpu, cuda, cuda:N, mps or auto")
@@ -119,15 +142,24 @@ class RunConfig(BaseModel):
     def _one_kind(self) -> RunConfig:
         if (self.pool is None) == (self.benchmark is None):
             raise ValueError("give exactly one of 'pool' (with 'methods', for merge) or 'benchmark' (for bench)")
-        if self.pool is not None and not self.methods:
-            raise ValueError("a 'pool' needs a non-empty 'methods' list")
+        if self.pool is not None and not self.methods and self.evaluation is None:
+            raise ValueError("a 'pool' needs a non-empty 'methods' list (mergelab merge --config) or an "
+                             "'evaluation' section (mergelab bench --config)")
         if self.benchmark is not None and self.methods:
             raise ValueError("'methods' applies to a 'pool'; a benchmark runs its own rows (benchmark.rows)")
+        if self.benchmark is not None and self.evaluation is not None:
+            raise ValueError("'evaluation' applies to a 'pool'; a benchmark's rows are benchmark.rows")
         return self
 
     @property
     def kind(self) -> Literal["merge", "bench"]:
+        """``merge``: a pool (merged by ``merge --config``, evaluated by ``bench --config``); ``bench``: a
+        named benchmark."""
         return "merge" if self.pool is not None else "bench"
+
+    def pool_evaluation(self) -> EvaluationConfig:
+        """The pool's ``evaluation`` section, its defaults if the config has none."""
+        return self.evaluation or EvaluationConfig()
 
     def resolved_dict(self) -> dict[str, Any]:
         """The configuration with every default filled in, as plain YAML-able data."""
@@ -273,8 +305,10 @@ def parse_config(text: str, *, where: str = "<config>", base: str | Path | None 
     if cfg.benchmark is not None and base is not None:
         fixed = {k: _relative(v, Path(base)) for k, v in cfg.benchmark.tasks.items()}
         cfg = cfg.model_copy(update={"benchmark": cfg.benchmark.model_copy(update={"tasks": fixed})})
-    if cfg.pool is not None and check_methods:
+    if cfg.pool is not None and check_methods and cfg.methods:
         check_methods_against_registry(cfg, where, lines)
+    if cfg.evaluation is not None and cfg.evaluation.rows is not None:
+        _check_rows(cfg.evaluation.rows, ("evaluation", "rows"), where, lines)
     if cfg.benchmark is not None:
         _check_benchmark(cfg, where, lines)
     return cfg
@@ -297,16 +331,20 @@ def _check_benchmark(cfg: RunConfig, where: str, lines: Mapping[Loc, int]) -> No
         raise ConfigError(f"{where}:{_line(lines, loc)}: {_fmt(loc)}: unknown benchmark {bench.name!r}; "
                           f"expected one of {', '.join(BENCHMARKS)}")
     if bench.rows is not None:
-        known = benchmark_rows()
-        for i, row in enumerate(bench.rows):
-            if row not in known:
-                loc = ("benchmark", "rows", i)
-                raise ConfigError(f"{where}:{_line(lines, loc)}: {_fmt(loc)}: unknown row {row!r}; "
-                                  f"expected one of {', '.join(known)}")
+        _check_rows(bench.rows, ("benchmark", "rows"), where, lines)
     if cfg.device not in ("cpu", "auto"):
         loc = ("device",)
         raise ConfigError(f"{where}:{_line(lines, loc)}: device: benchmarks run on the CPU; "
                           f"expected cpu or auto, got {cfg.device!r}")
+
+
+def _check_rows(rows: Sequence[str], at: Loc, where: str, lines: Mapping[Loc, int]) -> None:
+    known = benchmark_rows()
+    for i, row in enumerate(rows):
+        if row not in known:
+            loc = (*at, i)
+            raise ConfigError(f"{where}:{_line(lines, loc)}: {_fmt(loc)}: unknown row {row!r}; "
+                              f"expected one of {', '.join(known)}")
 
 
 def benchmark_rows() -> list[str]:
@@ -348,7 +386,7 @@ def check_methods_against_registry(cfg: RunConfig, where: str = "<config>", line
         if info.kind != "static":
             fail(("methods", i, "name"), f"{spec.name!r} is a {info.kind} method: it has no single merged model to "
                  f"write; a merge config takes static methods ({', '.join(methods.available('static'))}); "
-                 "run it with a 'benchmark' config (benchmark.rows)")
+                 "run it with mergelab bench: a row of the pool's 'evaluation.rows' or of 'benchmark.rows'")
         for key, value in spec.params.items():
             if key not in info.params:
                 fail(("methods", i, "params", key), f"{spec.name!r} has no parameter {key!r}; its parameters are "
@@ -394,5 +432,5 @@ def sweep(cfg: RunConfig) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
-__all__ = ["BenchmarkConfig", "ConfigError", "MethodSpec", "OutputsConfig", "RunConfig", "benchmark_rows",
+__all__ = ["BenchmarkConfig", "ConfigError", "EvaluationConfig", "MethodSpec", "OutputsConfig", "RunConfig", "benchmark_rows",
            "check_methods_against_registry", "load_config", "parse_config", "run_label", "sweep"]

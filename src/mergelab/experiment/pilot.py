@@ -23,7 +23,7 @@ from torch import nn
 from mergelab.core.errors import InputError
 from mergelab.core.figures import pyplot, save_figure
 from mergelab.core.statedict import StateDict
-from mergelab.pools.data.tasks import TextTask
+from mergelab.pools.data.tasks import TaskData
 from mergelab.pools.families.text import embed
 
 
@@ -47,7 +47,7 @@ class CrossTask:
                 "cross_average": self.cross_average() if len(self.tasks) > 1 else None}
 
 
-def _subset(task: TextTask, n: int | None, seed: int) -> tuple[list[str], torch.Tensor]:
+def _subset(task: TaskData, n: int | None, seed: int) -> tuple[list[str], torch.Tensor]:
     idx = list(range(len(task)))
     if n is not None and n < len(task):
         idx = torch.randperm(len(task), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
@@ -59,7 +59,7 @@ def cross_task_matrix(
     family,
     expert_bodies: Mapping[str, StateDict],
     heads: Mapping[str, nn.Linear],
-    eval_sets: Mapping[str, TextTask],
+    eval_sets: Mapping[str, TaskData],
     *,
     max_per_task: int | None = 200,
     seed: int = 0,

@@ -4,9 +4,12 @@
 pretrained model, the experts' bodies and heads, and each task's splits): a static row builds its merge
 (and searches its scaling on labeled validation data if the row says so), a dynamic row gets per-sample
 features from its method, an adaptive row an adapted body and heads; the runner scores them all with each
-task's head on the evaluation split. :func:`run_benchmark` is a named benchmark end to end: data, experts
-(cached), the reference rows ``individual`` and ``pretrained``, every row of :mod:`mergelab.experiment.rows`,
-results.json.
+task's head on the evaluation split. :func:`run_pool` runs rows on a loaded
+:class:`~mergelab.pools.pool.ModelPool` end to end: the reference rows ``individual`` (each expert on its own
+task) and ``pretrained``, then the rows, results.json validated against
+:class:`~mergelab.experiment.results.Results`. Every pool goes through it: :func:`run_benchmark` (a named
+benchmark or a user's task files, loaded by :func:`load_context`) and ``mergelab bench --config POOL.yaml``
+(a pool YAML, :func:`mergelab.experiment.commands.run_pool_config`).
 
 Forward passes the rows share are made once: identical static merges are evaluated once, test features are
 kept by body content (:class:`~mergelab.pools.evaluate.FeatureCache`: the transfer rows' static bodies,
@@ -38,6 +41,7 @@ from mergelab.experiment.results import SCHEMA_VERSION, Results
 from mergelab.experiment.rows import LAMBDAS, Row, default_rows, dependencies, resolve, substitute
 from mergelab.methods import plan as make_plan
 from mergelab.pools.benchmarks import BenchmarkSpec
+from mergelab.pools.data.tasks import LazyColumn
 from mergelab.pools.evaluate import (
     FeatureCache,
     MethodResult,
@@ -49,6 +53,7 @@ from mergelab.pools.evaluate import (
 )
 from mergelab.pools.families.text import accuracy
 from mergelab.pools.finetune import get_or_train_expert
+from mergelab.pools.pool import ModelPool
 
 REFERENCE_EXTRA = {"method": None, "kind": "reference", "data": "nothing"}
 
@@ -64,21 +69,10 @@ def _environment() -> dict[str, Any]:
     }
 
 
-@dataclass
-class BenchmarkContext:
-    """A benchmark's data splits, family, pretrained body and experts (bodies and heads)."""
-
-    spec: BenchmarkSpec
-    splits: dict
-    family: Any
-    pretrained: dict
-    experts: dict
-    heads: dict
-    bodies: dict
-
-
-def load_context(spec: BenchmarkSpec, *, cache_dir=None, progress: bool = True, console=None) -> BenchmarkContext:
-    """Load the splits and the pretrained body; fine-tune the experts or take them from the cache."""
+def load_context(spec: BenchmarkSpec, *, cache_dir=None, progress: bool = True, console=None) -> ModelPool:
+    """A named benchmark as a loaded :class:`~mergelab.pools.pool.ModelPool`: its seeded splits, the
+    pretrained body, and the experts fine-tuned or taken from the cache (``expert_meta``: each one's
+    training record)."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -99,9 +93,15 @@ def load_context(spec: BenchmarkSpec, *, cache_dir=None, progress: bool = True, 
         hit = experts[t].meta.get("cache_hit")
         console.print(f"  expert {t}: {'cached' if hit else 'trained'} "
                       f"({experts[t].meta.get('train_seconds', 0):.0f}s to train)", highlight=False)
-    heads = {t: e.head.eval() for t, e in experts.items()}
-    bodies = {t: e.body_state for t, e in experts.items()}
-    return BenchmarkContext(spec, splits, family, family.pretrained_state(), experts, heads, bodies)
+    return ModelPool(family=family, pretrained=family.pretrained_state(),
+                     experts={t: e.body_state for t, e in experts.items()},
+                     heads={t: e.head.eval() for t, e in experts.items()}, splits=splits, name=spec.name,
+                     expert_meta={t: dict(e.meta) for t, e in experts.items()})
+
+
+def _unread(inputs):
+    """A list of ``inputs``; a lazily read image column stays lazy (listing it would decode every image)."""
+    return inputs if isinstance(inputs, LazyColumn) else list(inputs)
 
 
 @dataclass
@@ -126,14 +126,14 @@ class RunPool:
         for task, s in self.splits.items():
             if self.input_split not in s:
                 raise InputError(f"splits[{task!r}] has no {self.input_split!r} split; it has {sorted(s)}")
-            out[task] = list(s[self.input_split].texts)  # inputs only: the methods never see the labels
+            out[task] = _unread(s[self.input_split].inputs)  # inputs only: the methods never see the labels
         return out
 
     def calibration(self, n: int) -> dict[str, list]:
-        return {t: list(s["validation"].texts[:n]) for t, s in self.splits.items()}
+        return {t: _unread(s["validation"].inputs[:n]) for t, s in self.splits.items()}
 
     def expert_features(self, task: str):
-        texts = list(self.splits[task][self.input_split].texts)
+        texts = _unread(self.splits[task][self.input_split].inputs)
         cache = self.cache if self.cache is not None else FeatureCache()
         return cache.features(self.family, self.bodies[task], texts, batch_size=self.batch_size)
 
@@ -292,50 +292,83 @@ def run_benchmark(
     batch_size: int = 64,
     console=None,
 ) -> dict[str, Any]:
-    """Prepare data, fine-tune or load the experts, evaluate every row; write results if ``out_dir``."""
+    """A named benchmark end to end: its data, experts fine-tuned or cached, every row (:func:`run_pool`)."""
+    chosen = resolve(rows)  # an unknown row would be skipped silently: refuse it before any work
+    t_start = time.perf_counter()
+    pool = load_context(spec, cache_dir=cache_dir, progress=progress, console=console)
+    return run_pool(pool, chosen, out_dir=out_dir, lambdas=spec.lambdas, seed=spec.seed,
+                    search_per_task=spec.search_per_task,
+                    steps=dict(spec.adaptive_steps) if spec.adaptive_steps else None,
+                    reference_params={"recipe": spec.recipe.to_dict()}, progress=progress, batch_size=batch_size,
+                    console=console, t_start=t_start)
+
+
+def run_pool(
+    pool: ModelPool,
+    rows: Sequence[Row],
+    *,
+    out_dir: str | Path | None = None,
+    lambdas: Sequence[float] = (0.3,),
+    seed: int = 0,
+    search_per_task: int | None = None,
+    steps: Mapping[str, int] | None = None,
+    reference_params: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    batch_size: int = 64,
+    console=None,
+    t_start: float | None = None,
+) -> dict[str, Any]:
+    """Evaluate the reference rows (``individual``: each expert on its own task; ``pretrained``) and
+    ``rows`` on a loaded pool's ``test`` splits; validate the results against
+    :class:`~mergelab.experiment.results.Results` and write them (``out_dir``).
+
+    The searched rows read the ``validation`` splits (their first ``search_per_task`` examples, if given),
+    ``se_prototype`` its calibration inputs from them, the adaptive rows the test inputs without labels."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    chosen = resolve(rows)  # an unknown row would be skipped silently: refuse it before any work
-    t_start = time.perf_counter()
-    ctx = load_context(spec, cache_dir=cache_dir, progress=progress, console=console)
-    splits, family, experts = ctx.splits, ctx.family, ctx.experts
-    val = {t: s["validation"] for t, s in splits.items()}
-    if spec.search_per_task is not None:  # the coefficient searches read the first N validation examples
-        val = {t: v.subset(range(min(len(v), spec.search_per_task))) for t, v in val.items()}
-    test = {t: s["test"] for t, s in splits.items()}
+    t_start = time.perf_counter() if t_start is None else t_start
+    torch.manual_seed(seed)
+    splits, family = pool.splits, pool.family
+    missing = [t for t in pool.tasks if "test" not in splits.get(t, {}) or t not in pool.heads]
+    if missing:
+        raise InputError(f"task(s) {missing} have no test split or no head: evaluation needs both (family "
+                         "'text': a head.safetensors in each expert folder)")
+    val = {t: s["validation"] for t, s in splits.items() if "validation" in s}
+    if search_per_task is not None:  # the coefficient searches read the first N validation examples
+        val = {t: v.subset(range(min(len(v), search_per_task))) for t, v in val.items()}
+    test = {t: splits[t]["test"] for t in pool.tasks}
     test_cache = FeatureCache()
-    pool = RunPool(family, ctx.pretrained, ctx.bodies, ctx.heads, splits, seed=spec.seed, batch_size=batch_size,
-                   progress=progress, cache=test_cache)
+    run = RunPool(family, pool.pretrained, pool.experts, pool.heads, splits, seed=seed, batch_size=batch_size,
+                  progress=progress, cache=test_cache)
 
     results: dict[str, MethodResult] = {}
     with Timer() as tm:
-        per_task = evaluate_tasks(family, lambda t: ctx.bodies[t], ctx.heads, test, batch_size=batch_size,
+        per_task = evaluate_tasks(family, lambda t: pool.experts[t], pool.heads, test, batch_size=batch_size,
                                   progress=progress, label="individual", cache=test_cache)
     expert_acc = per_task
     results["individual"] = MethodResult(per_task, mean(list(per_task.values())), 1.0, tm.seconds,
-                                         {"recipe": spec.recipe.to_dict()}, extra=dict(REFERENCE_EXTRA))
+                                         dict(reference_params or {}), extra=dict(REFERENCE_EXTRA))
     with Timer() as tm:
-        per_task = evaluate_tasks(family, None, ctx.heads, test, batch_size=batch_size, progress=progress,
-                                  label="pretrained", cache=test_cache)
+        per_task = evaluate_tasks(family, pool.pretrained, pool.heads, test, batch_size=batch_size,
+                                  progress=progress, label="pretrained", cache=test_cache)
     results["pretrained"] = MethodResult(per_task, mean(list(per_task.values())),
                                          normalized_average(per_task, expert_acc), tm.seconds,
                                          extra=dict(REFERENCE_EXTRA))
-    progress_line = RowProgress(len(chosen) + 2)
+    progress_line = RowProgress(len(rows) + 2)
     for name in ("individual", "pretrained"):
         _print_row(console, name, results[name], progress_line.step())
-    results.update(run_rows(pool, chosen, expert_acc=expert_acc, validation=val, lambdas=spec.lambdas,
-                            steps=dict(spec.adaptive_steps) if spec.adaptive_steps else None,
+    results.update(run_rows(run, rows, expert_acc=expert_acc, validation=val or None, lambdas=lambdas, steps=steps,
                             on_row=lambda name, r: _print_row(console, name, r, progress_line.step())))
 
     out = {
         "schema_version": SCHEMA_VERSION,
-        "benchmark": spec.name,
-        "tasks": list(splits),
+        "benchmark": pool.name,
+        "tasks": pool.tasks,
         "methods": {name: r.to_json() for name, r in results.items()},
         "splits": {t: {k: len(v) for k, v in s.items()} for t, s in splits.items()},
-        "experts": {t: {k: v for k, v in e.meta.items() if k in ("train_seconds", "steps", "cache_hit")}
-                    for t, e in experts.items()},
+        "experts": {t: {k: v for k, v in m.items() if k in ("train_seconds", "steps", "cache_hit")}
+                    for t, m in pool.expert_meta.items()},
         "environment": _environment(),
         "feature_cache": {"hits": test_cache.hits, "misses": test_cache.misses},
         "seconds_total": round(time.perf_counter() - t_start, 1),

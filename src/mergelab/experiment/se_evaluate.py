@@ -12,14 +12,14 @@ from torch import Tensor, nn
 
 from mergelab.methods.dynamic.run import se_features
 from mergelab.methods.dynamic.se_merging import SEMerging
-from mergelab.pools.data.tasks import TextTask
+from mergelab.pools.data.tasks import TaskData
 from mergelab.pools.families.text import accuracy
 
 
 def evaluate_se(
     se: SEMerging,
     heads: Mapping[str, nn.Module],
-    splits: Mapping[str, TextTask],
+    splits: Mapping[str, TaskData],
     *,
     mode: str = "exact",
     batch_size: int = 64,

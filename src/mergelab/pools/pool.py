@@ -29,7 +29,8 @@ Families (``family``), all loaded by :func:`load_pool` into one :class:`ModelPoo
 - ``torch``: an ``nn.Module`` factory ``"pkg.module:function"`` and state dict files; ``head`` names
   the head module (its keys' prefix), kept per task (:mod:`mergelab.pools.families.torch_module`).
 
-Task data (``tasks``): CSV/TSV, JSONL, a folder saved with ``datasets``' ``save_to_disk``, an image
+Task data (``tasks``, read by :func:`mergelab.pools.data.loaders.load_task_data`, the loaders of users' task
+files too): CSV/TSV, JSONL, a folder saved with ``datasets``' ``save_to_disk``, an image
 folder (one sub-folder per class), a ``.pt`` file of tensors, or a hub dataset id (online only).
 """
 
@@ -142,15 +143,26 @@ def load_state_dicts(pool: PoolConfig) -> tuple[dict[str, Tensor], dict[str, dic
 # ---------------------------------------------------------------------------------------------- loading
 @dataclass
 class ModelPool:
-    """A loaded pool: the family (body module, tokenizer or processor), the pretrained body's state dict,
-    each expert's body state dict, each task's head and each task's data (when configured)."""
+    """A loaded pool, the one type every command runs on (``bench``, ``bench --config POOL.yaml``,
+    ``adapt``, ``analyze``): the family (body module, tokenizer or processor), the pretrained body's state
+    dict, each expert's body state dict, each task's head, and each task's splits
+    (``{task: {"train"?, "validation", "test": TaskData}}``).
 
-    config: PoolConfig
+    A named benchmark (:func:`mergelab.experiment.runner.load_context`) fills ``splits`` with its seeded
+    train / validation / test splits and ``expert_meta`` with each expert's fine-tuning record. A pool
+    YAML (:func:`load_pool`) gives one data set per task (``data``); :meth:`hold_out` cuts it into a
+    validation part and a test part.
+    """
+
     family: Any
     pretrained: dict[str, Tensor]
     experts: dict[str, dict[str, Tensor]]
     heads: dict[str, nn.Module]
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    name: str = "pool"
+    config: PoolConfig | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    expert_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -161,6 +173,28 @@ class ModelPool:
         if task not in self.data:
             raise InputError(f"no data for task {task!r}: add pool.tasks.{task}")
         return list(self.data[task].inputs)
+
+    def hold_out(self, validation_per_task: int, limit: int | None = None) -> dict[str, dict[str, Any]]:
+        """Split each task's one data set: its first ``validation_per_task`` examples are the
+        ``validation`` split (the labeled data a searched row reads, and the calibration inputs of
+        ``se_prototype``), the rest (the first ``limit`` of them, if given) the ``test`` split that every
+        row is evaluated on. The two never overlap. Sets and returns ``self.splits``."""
+        missing = [t for t in self.tasks if t not in self.data]
+        if missing:
+            raise InputError(f"pool.tasks: task(s) {missing} have no data; evaluation needs each task's data "
+                             "(add pool.tasks.NAME with a path)")
+        splits = {}
+        for t in self.tasks:
+            d = self.data[t]
+            n = len(d)
+            if validation_per_task >= n:
+                raise InputError(f"pool.tasks.{t}: {n} examples; holding out {validation_per_task} for validation "
+                                 "leaves none to evaluate (lower bench.validation_per_task)")
+            end = n if limit is None else min(n, validation_per_task + limit)
+            splits[t] = {"validation": d.subset(range(validation_per_task)),
+                         "test": d.subset(range(validation_per_task, end))}
+        self.splits = splits
+        return splits
 
 
 def make_family(pool: PoolConfig):
@@ -220,7 +254,7 @@ def load_pool(pool: PoolConfig, *, data: bool = True) -> ModelPool:
     or zero-shot heads built from the class names and templates (``clip-vision``; class names default
     to the task data's label names).
     """
-    from mergelab.pools.data.records import load_task_data  # noqa: PLC0415
+    from mergelab.pools.data.loaders import load_task_data  # noqa: PLC0415
 
     family = make_family(pool)
     pretrained = family.pretrained_state()
@@ -259,7 +293,8 @@ def load_pool(pool: PoolConfig, *, data: bool = True) -> ModelPool:
             except InputError as exc:
                 raise InputError(f"pool.tasks.{name}: {exc}") from exc
         family.release_text_tower()
-    return ModelPool(pool, family, pretrained, experts, heads, task_data)
+    return ModelPool(family=family, pretrained=pretrained, experts=experts, heads=heads,
+                     splits={t: {"test": d} for t, d in task_data.items()}, config=pool, data=task_data)
 
 
 def load_pool_file(path: str | Path, *, data: bool = True) -> ModelPool:

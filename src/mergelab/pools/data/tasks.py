@@ -1,8 +1,11 @@
-"""Text classification tasks and their fixed, seeded train / validation / test splits.
+"""Classification tasks (the one task type of every family) and their fixed, seeded splits.
 
-A :class:`TextTask` is a plain list of texts with integer labels, a stable id per example, an optional
-group per example (the speech a paragraph comes from, the movie a review is about...) and a citation
-string saying where the data comes from.
+A :class:`TaskData` is a list of inputs with integer labels, a stable id per example, an optional group
+per example (the speech a paragraph comes from, the movie a review is about...) and a citation string
+saying where the data comes from. Inputs are texts, text pairs ``(text, text)`` (GLUE's MNLI, QNLI...),
+images (PIL, or a :class:`LazyColumn` of a ``datasets.Dataset`` decoded on demand) or tensors (family
+``torch``). Every loader of :mod:`mergelab.pools.data.loaders` returns one, for the benchmarks, a user's
+task files and the pool YAMLs alike. ``TextTask`` is its older name, kept as an alias.
 
 :func:`split_task` cuts a task into ``train`` / ``validation`` / ``test``:
 
@@ -19,23 +22,60 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from mergelab.core.errors import InputError
 
 SPLITS = ("train", "validation", "test")
 
 
+class LazyColumn(Sequence):
+    """One column of a ``datasets.Dataset``, read (and images decoded) only when an item is asked for:
+    a vision test set held as decoded images would take tens of GB of memory."""
+
+    unsorted = True  # batching must not read every item to sort by length
+
+    def __init__(self, dataset: Any, column: str, rows: Sequence[int] | None = None) -> None:
+        self.dataset, self.column = dataset, column
+        self.rows = rows if rows is not None else range(len(dataset))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return LazyColumn(self.dataset, self.column, self.rows[i])
+        return self.dataset[self.rows[i]][self.column]
+
+    def take(self, indices: Sequence[int]) -> LazyColumn:
+        """The items at ``indices``, still unread."""
+        return LazyColumn(self.dataset, self.column, [self.rows[i] for i in indices])
+
+    def cache_key(self) -> str:
+        """Names the items without reading them: the dataset's fingerprint, the column and the rows."""
+        fp = getattr(self.dataset, "_fingerprint", None) or f"id{id(self.dataset)}"
+        return f"{fp}:{self.column}:{list(self.rows)}"
+
+
+def _is_input(x: Any) -> bool:
+    """A text, a text pair, or a non-text input (image, tensor): anything but a number, a bool or None."""
+    if isinstance(x, tuple):
+        return len(x) == 2 and all(isinstance(p, str) for p in x)
+    return x is not None and not isinstance(x, (bool, int, float))
+
+
 @dataclass
-class TextTask:
-    """A text classification task.
+class TaskData:
+    """A classification task: inputs (texts, text pairs, images or tensors) and integer labels.
 
     ``labels[i]`` is an index into ``label_names``. ``ids`` are unique within the task and stable across
     runs (derived from the source: file name, row number, synset offset...); when left out they are
     ``"<name>-<position>"``. ``groups`` (optional) ties examples that must never be split apart.
+    ``texts`` is another name of ``inputs`` (the text families' word for them).
     """
 
     name: str
-    texts: list[str]
+    inputs: Sequence[Any]
     labels: list[int]
     ids: list[str] | None = None
     groups: list[str] | None = None
@@ -43,7 +83,7 @@ class TextTask:
     source: str = ""
 
     def __post_init__(self) -> None:
-        n = len(self.texts)
+        n = len(self.inputs)
         if len(self.labels) != n:
             raise InputError(f"task {self.name!r}: {n} texts but {len(self.labels)} labels")
         if self.ids is None:
@@ -52,10 +92,12 @@ class TextTask:
             raise InputError(f"task {self.name!r}: {n} texts but {len(self.ids)} ids")
         if self.groups is not None and len(self.groups) != n:
             raise InputError(f"task {self.name!r}: {n} texts but {len(self.groups)} groups")
-        for i, (text, label) in enumerate(zip(self.texts, self.labels, strict=True)):
-            if not isinstance(text, str):
+        lazy = isinstance(self.inputs, LazyColumn)  # never read every image to check it
+        for i, label in enumerate(self.labels):
+            if not lazy and not _is_input(self.inputs[i]):
                 raise InputError(
-                    f"task {self.name!r}: example {self.ids[i]!r}: text is {type(text).__name__}, not str"
+                    f"task {self.name!r}: example {self.ids[i]!r}: input is {type(self.inputs[i]).__name__}, "
+                    "not a text, a text pair, an image or a tensor"
                 )
             if isinstance(label, bool) or not isinstance(label, int):
                 raise InputError(
@@ -75,9 +117,13 @@ class TextTask:
             dup = next(k for k, c in Counter(self.ids).items() if c > 1)
             raise InputError(f"task {self.name!r}: id {dup!r} occurs more than once; ids must be unique")
 
+    @property
+    def texts(self) -> Sequence[Any]:
+        return self.inputs
+
     # ------------------------------------------------------------------ helpers
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.inputs)
 
     @property
     def n_classes(self) -> int:
@@ -87,11 +133,13 @@ class TextTask:
         counts = Counter(self.labels)
         return {name: counts.get(i, 0) for i, name in enumerate(self.label_names)}
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> TextTask:
+    def subset(self, indices: Sequence[int], name: str | None = None) -> TaskData:
         """The examples at ``indices`` (in that order), with the same label names and source."""
-        return TextTask(
+        indices = list(indices)
+        return TaskData(
             name=self.name if name is None else name,
-            texts=[self.texts[i] for i in indices],
+            inputs=self.inputs.take(indices) if isinstance(self.inputs, LazyColumn)
+            else [self.inputs[i] for i in indices],
             labels=[self.labels[i] for i in indices],
             ids=[self.ids[i] for i in indices],  # type: ignore[index]
             groups=None if self.groups is None else [self.groups[i] for i in indices],
@@ -138,13 +186,16 @@ def _stratified_order(keys_labels: Sequence[tuple[object, int]], rng: random.Ran
     return [key for _, _, key in scored]
 
 
+TextTask = TaskData  # the older name of the one task type
+
+
 def split_task(
-    task: TextTask,
+    task: TaskData,
     seed: int,
     n_train: int,
     n_val: int,
     n_test: int,
-) -> dict[str, TextTask]:
+) -> dict[str, TaskData]:
     """Fixed seeded ``{"train", "validation", "test"}`` splits of ``task``.
 
     Without groups the splits have exactly the sizes asked for (the sum may not exceed the task's size).

@@ -1,0 +1,259 @@
+"""What the ``mergelab`` commands do, so that :mod:`mergelab.cli` only parses options and calls these.
+
+- :func:`merge_flags`: ``mergelab merge --method ... --pretrained ... --expert ...`` (one static merge,
+  in memory or streamed);
+- :func:`merge_config_run`: ``mergelab merge --config`` (a pool's static sweep, each merged model saved);
+- :func:`bench_run`: ``mergelab bench`` on a named benchmark, on a user's task files, or on a pool
+  config (``pool:`` + ``evaluation:``): every case through :func:`~mergelab.experiment.runner.run_pool`;
+- :func:`analyze_run`: ``mergelab analyze`` on a named benchmark or a pool config (:func:`pool_or_benchmark`,
+  also ``mergelab adapt``'s pool); :func:`check_probe_layers`: probe layers against the backbone's depth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mergelab.core.errors import InputError
+from mergelab.experiment.config import RunConfig, load_config
+
+
+def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params: Mapping[str, Any], out: Path, *,
+                stream: bool = False, shard_size: str = "5GB", progress: bool = True) -> str:
+    """Merge ``experts`` into ``pretrained`` with static ``method`` and save it at ``out``; a one-line summary."""
+    from mergelab import methods
+    from mergelab.core import io
+
+    methods.get_static(method)  # unknown or not static: fail before loading anything
+    io.check_output_path(out, [pretrained, *experts.values()])
+    io.check_replaceable(out)  # before loading anything
+    t0 = time.perf_counter()
+    if stream:
+        from mergelab.methods.streaming import stream_merge
+
+        stream_merge(method, pretrained, dict(experts), out, shard_size=shard_size, progress=progress, **params)
+        return (f"streamed {len(experts)} experts with [bold]{method}[/] {dict(params) or ''} in "
+                f"{time.perf_counter() - t0:.1f}s -> {out}")
+    pre_sd = io.load_state_dict(pretrained)
+    expert_sds = {name: io.load_state_dict(path) for name, path in experts.items()}
+    merged = methods.merge(method, pre_sd, expert_sds, **params)
+    pre_path = io.resolve_model_path(pretrained)
+    io.save_model(merged, out, like=pre_path if pre_path.is_dir() else None, inputs=[pretrained, *experts.values()])
+    return (f"merged {len(experts)} experts with [bold]{method}[/] {dict(params) or ''} in "
+            f"{time.perf_counter() - t0:.1f}s -> {out}")
+
+
+def merge_config_run(config: Path, out: Path | None, *, quiet: bool = False) -> tuple[dict[str, Any], Path, str]:
+    """``merge --config``: every merge of the pool's sweep; ``(results, run_dir, files written)``."""
+    from mergelab.experiment.report_page import render_report
+    from mergelab.experiment.rundir import (
+        default_run_dir,
+        logged_run,
+        merge_markdown,
+        resolve_device,
+        run_merges,
+        start_run,
+    )
+
+    cfg = load_config(config)
+    if cfg.kind != "merge":
+        raise InputError(f"{config}: has a 'benchmark' section; run it with mergelab bench --config {config}")
+    if not cfg.methods:
+        raise InputError(f"{config}: methods: none; a merge needs a 'methods' list (the 'evaluation' section is "
+                         f"for mergelab bench --config {config})")
+    run_dir = Path(out or cfg.outputs.run_dir or default_run_dir(config.stem))
+    cfg = cfg.model_copy(update={"outputs": cfg.outputs.model_copy(update={"run_dir": str(run_dir)})})
+    device = resolve_device(cfg.device)
+    created = not run_dir.exists()
+    start_run(run_dir, cfg, inputs=cfg.pool.inputs(), device=device)
+
+    def body(log):
+        results = run_merges(cfg, run_dir, console=log, progress=not quiet, name=config.stem)
+        log.to_file(merge_markdown(results))
+        return results
+
+    results = logged_run(run_dir, quiet, body, created=created)
+    files = f"{run_dir}/results.json, results.md"
+    if cfg.outputs.report:
+        render_report(run_dir)
+        files += ", report.html"
+    return results, run_dir, files
+
+
+def bench_config(config: Path | None, *, benchmark: str = "text5", cache: Path | None = None,
+                 rows: Sequence[str] | None = None, tasks: Mapping[str, str] | None = None) -> RunConfig:
+    """The run configuration of ``mergelab bench``: the file ``config``, else one made of the options."""
+    from mergelab.experiment.config import BenchmarkConfig, benchmark_rows
+
+    if config is not None:
+        return load_config(config)
+    known = benchmark_rows()
+    for r in rows or []:
+        if r not in known:
+            raise InputError(f"--row {r!r}: unknown row; expected one of {', '.join(known)}")
+    return RunConfig(benchmark=BenchmarkConfig(name=benchmark, rows=list(rows) if rows else None,
+                                               tasks=dict(tasks or {}), cache=str(cache) if cache else None))
+
+
+def bench_run(cfg: RunConfig, out: Path | None, *, name: str | None = None, quiet: bool = False,
+              console=None) -> tuple[dict[str, Any], Path, str]:
+    """``mergelab bench``: a named benchmark (``benchmark:``) or a pool (``pool:`` and ``evaluation:``) through
+    the one runner; writes the run directory; ``(results, run_dir, files written)``."""
+    from mergelab.experiment.report import rich_table
+    from mergelab.experiment.report_page import render_report
+    from mergelab.experiment.rundir import benchmark_spec, logged_run, start_run
+    from mergelab.experiment.runner import default_run_dir
+
+    if cfg.pool is not None:
+        run_name = name or "pool"
+        inputs = cfg.pool.inputs()
+    else:
+        spec = benchmark_spec(cfg)
+        run_name = name or spec.name
+        inputs = list(cfg.benchmark.tasks.values())
+    out_dir = Path(out or cfg.outputs.run_dir or default_run_dir(run_name))
+    if out_dir.exists() and not out_dir.is_dir():  # e.g. --out naming a --task file
+        raise InputError(f"--out {out_dir}: exists and is not a folder; give a folder for the results")
+    cfg = cfg.model_copy(update={"outputs": cfg.outputs.model_copy(update={"run_dir": str(out_dir)})})
+    created = not out_dir.exists()
+    start_run(out_dir, cfg, inputs=inputs)
+
+    def body(log):
+        if cfg.pool is not None:
+            results = run_pool_config(cfg, out_dir, name=run_name, progress=not quiet, console=log)
+        else:
+            from mergelab.experiment.runner import run_benchmark
+
+            results = run_benchmark(spec, out_dir=out_dir, cache_dir=cfg.benchmark.cache, rows=cfg.benchmark.rows,
+                                    progress=not quiet, console=log)
+        log.to_file(rich_table(results))
+        return results
+
+    results = logged_run(out_dir, quiet, body, created=created)
+    files = f"{out_dir}/results.json, results.md, accuracy.png"
+    if cfg.outputs.report:
+        render_report(out_dir)
+        files += ", report.html"
+    return results, out_dir, files
+
+
+def run_pool_config(cfg: RunConfig, out_dir: Path | None, *, name: str = "pool", progress: bool = True,
+                    console=None) -> dict[str, Any]:
+    """Load a config's pool, hold out each task's validation examples (``evaluation.validation_per_task``)
+    and run the evaluation's rows on it (:func:`~mergelab.experiment.runner.run_pool`)."""
+    from mergelab.experiment.rows import resolve
+    from mergelab.experiment.runner import run_pool
+
+    assert cfg.pool is not None
+    ev = cfg.pool_evaluation()
+    rows = resolve(ev.rows)  # unknown rows refused before any model is loaded
+    t_start = time.perf_counter()
+    pool = loaded_pool(cfg, name)
+    return run_pool(pool, rows, out_dir=out_dir, lambdas=tuple(ev.lambdas), seed=cfg.seed, steps=ev.steps or None,
+                    reference_params={"validation_per_task": ev.validation_per_task, "limit": ev.limit},
+                    progress=progress, batch_size=ev.batch_size, console=console, t_start=t_start)
+
+
+def loaded_pool(cfg: RunConfig, name: str = "pool"):
+    """A config's pool, loaded (:func:`~mergelab.pools.pool.load_pool`), with each task's first
+    ``evaluation.validation_per_task`` examples held out as its validation split and the rest (the first
+    ``evaluation.limit``) as its test split (:meth:`~mergelab.pools.pool.ModelPool.hold_out`)."""
+    import dataclasses
+
+    from mergelab.pools.pool import load_pool
+
+    if cfg.pool is None:
+        raise InputError("the configuration has a 'benchmark' section, not a 'pool'")
+    if not cfg.pool.tasks:
+        raise InputError("pool.tasks: none; evaluating a pool needs each task's data (pool.tasks.NAME.path)")
+    ev = cfg.pool_evaluation()
+    pool = dataclasses.replace(load_pool(cfg.pool), name=name)
+    pool.hold_out(ev.validation_per_task, ev.limit)
+    return pool
+
+
+def pool_or_benchmark(config: Path | None, benchmark: str, cache: Path | None, *, progress: bool = True,
+                      console=None):
+    """``adapt`` and ``analyze``: the pool of a pool config (``--config``), else the named benchmark's
+    (experts fine-tuned or cached), both as a :class:`~mergelab.pools.pool.ModelPool`."""
+    if config is not None:
+        cfg = load_config(config)
+        if cfg.pool is None:
+            raise InputError(f"{config}: has a 'benchmark' section; give its name with --benchmark instead")
+        return loaded_pool(cfg, config.stem)
+    from mergelab.experiment.runner import load_context
+    from mergelab.pools.benchmarks import get_benchmark
+
+    return load_context(get_benchmark(benchmark), cache_dir=cache, progress=progress, console=console)
+
+
+ANALYSIS_CALIBRATION = 32  # calibration examples per task the analyses read first (run_analysis' n_calib)
+
+
+def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path | None = None,
+                cache: Path | None = None, router: Mapping[str, Any] | None = None, n_per_task: int = 100,
+                layers: Sequence[int] | None = None, ranks: Sequence[int] | None = None,
+                groups_per_task: Sequence[int] | None = None, quiet: bool = False) -> dict[str, Path]:
+    """``mergelab analyze``: one SE-Merging analysis on a named benchmark's or a pool config's validation
+    split; writes ``out`` (options.json, environment.json, run.log, the analysis' JSON and PNG files)."""
+    from mergelab.experiment.analysis.run import KINDS, run_analysis
+    from mergelab.experiment.rundir import logged_run, start_command_run
+    from mergelab.methods.dynamic import RouterConfig
+    from mergelab.pools.benchmarks import get_benchmark
+
+    cfg = RouterConfig(**{**RouterConfig().to_dict(), **dict(router or {})})
+    if kind not in KINDS:
+        raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
+    if config is None:
+        spec = get_benchmark(benchmark)
+        check_probe_layers(spec, [cfg.layer, *(layers or [])])
+    else:
+        load_config(config)  # a bad file is refused before the run directory is made
+    if ranks and any(r < 1 for r in ranks):
+        raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
+    if groups_per_task and any(g < 1 for g in groups_per_task):
+        raise InputError(f"--groups-per-task must be positive integers, got {list(groups_per_task)}")
+    group_list = tuple(groups_per_task) if groups_per_task else (1, 2, 3, 4)
+    rank_list = tuple(ranks) if ranks else (4, 16, 64)
+    created = not out.exists()
+    start_command_run(out, "analyze", {
+        "kind": kind, "benchmark": None if config is not None else benchmark, "config": config, "cache": cache,
+        "router": cfg.to_dict(), "n_per_task": n_per_task, "layers": list(layers) if layers else None,
+        "ranks": list(rank_list), "groups_per_task": list(group_list)})
+
+    def body(log):
+        pool = pool_or_benchmark(config, benchmark, cache, progress=not quiet, console=log)
+        if config is not None:  # a pool's validation split is its held-out examples: calibration, then analysis
+            short = {t: len(s["validation"]) for t, s in pool.splits.items() if len(s["validation"]) <= ANALYSIS_CALIBRATION}
+            if short:
+                raise InputError(f"{config}: evaluation.validation_per_task: the analyses read {ANALYSIS_CALIBRATION} "
+                                 f"calibration examples, then up to --n-per-task more, from each task's held-out "
+                                 f"examples; {short} hold too few (raise it above {ANALYSIS_CALIBRATION})")
+        for layer in layers or []:
+            pool.family.check_layer(layer)
+        files = run_analysis(kind, pool, out, config=cfg, n_per_task=n_per_task, n_calib=ANALYSIS_CALIBRATION,
+                             layers=layers, ranks=rank_list,
+                             groups_per_task=group_list, progress=not quiet)
+        for name, path in files.items():
+            log.to_file(f"{name}: {path}")
+        return files
+
+    return logged_run(out, quiet, body, created=created)
+
+
+def check_probe_layers(spec, layers: Sequence[int]) -> None:
+    """Refuse probe layers beyond the backbone's depth before any expert is trained or loaded."""
+    import json
+
+    config = spec.model_dir() / "config.json"
+    depth = json.loads(config.read_text()).get("num_hidden_layers")
+    for layer in layers:
+        if isinstance(depth, int) and not 0 <= layer <= depth:
+            raise InputError(f"probe layer {layer} is beyond the depth of {spec.backbone} ({depth} layers; "
+                             f"0 = embeddings, {depth} = last layer)")
+
+
+__all__ = ["analyze_run", "bench_config", "bench_run", "check_probe_layers", "loaded_pool", "merge_config_run",
+           "merge_flags", "pool_or_benchmark", "run_pool_config"]
