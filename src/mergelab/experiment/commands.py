@@ -47,10 +47,8 @@ def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params
 
 def merge_config_run(config: Path, out: Path | None, *, quiet: bool = False) -> tuple[dict[str, Any], Path, str]:
     """``merge --config``: every merge of the pool's sweep; ``(results, run_dir, files written)``."""
-    from mergelab.experiment.report_page import render_report
     from mergelab.experiment.rundir import (
         default_run_dir,
-        logged_run,
         merge_markdown,
         resolve_device,
         run_merges,
@@ -74,8 +72,17 @@ def merge_config_run(config: Path, out: Path | None, *, quiet: bool = False) -> 
         log.to_file(merge_markdown(results))
         return results
 
+    return _logged_with_report(run_dir, cfg, quiet, body, created, f"{run_dir}/results.json, results.md")
+
+
+def _logged_with_report(run_dir: Path, cfg: RunConfig, quiet: bool, body, created: bool,
+                        files: str) -> tuple[dict[str, Any], Path, str]:
+    """Run ``body`` logged into ``run_dir``, then the report if the config asks for it; ``(results, run_dir,
+    the files written)``."""
+    from mergelab.experiment.report_page import render_report
+    from mergelab.experiment.rundir import logged_run
+
     results = logged_run(run_dir, quiet, body, created=created)
-    files = f"{run_dir}/results.json, results.md"
     if cfg.outputs.report:
         render_report(run_dir)
         files += ", report.html"
@@ -102,8 +109,7 @@ def bench_run(cfg: RunConfig, out: Path | None, *, name: str | None = None, quie
     """``mergelab bench``: a named benchmark (``benchmark:``) or a pool (``pool:`` and ``evaluation:``) through
     the one runner; writes the run directory; ``(results, run_dir, files written)``."""
     from mergelab.experiment.report import rich_table
-    from mergelab.experiment.report_page import render_report
-    from mergelab.experiment.rundir import benchmark_spec, logged_run, start_run
+    from mergelab.experiment.rundir import benchmark_spec, start_run
     from mergelab.experiment.runner import default_run_dir
 
     if cfg.pool is not None:
@@ -131,12 +137,8 @@ def bench_run(cfg: RunConfig, out: Path | None, *, name: str | None = None, quie
         log.to_file(rich_table(results))
         return results
 
-    results = logged_run(out_dir, quiet, body, created=created)
-    files = f"{out_dir}/results.json, results.md, accuracy.png"
-    if cfg.outputs.report:
-        render_report(out_dir)
-        files += ", report.html"
-    return results, out_dir, files
+    return _logged_with_report(out_dir, cfg, quiet, body, created,
+                               f"{out_dir}/results.json, results.md, accuracy.png")
 
 
 def run_pool_config(cfg: RunConfig, out_dir: Path | None, *, name: str = "pool", progress: bool = True,
