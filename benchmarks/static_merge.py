@@ -1,20 +1,33 @@
-"""Static merges of a GPT-2-small-sized model: mergelab in memory, mergelab streamed, and mergekit.
+"""Static merges against the memory-bandwidth floor: the floor, mergelab streamed / in memory, mergekit.
 
-Builds the checkpoints locally (no downloads): a pretrained model with GPT-2 small's tensors
-(124M parameters, float32, random weights, one ``model.safetensors`` of ~500 MB) and T experts =
-pretrained + Gaussian task vectors of std 1e-3 times each tensor's RMS. For each T (2, 4, 8) it times
-Task Arithmetic, TIES (per-tensor top-k, as mergekit defines it, and mergelab's global top-k, the
-paper's) and DARE-TIES as command-line runs, one subprocess each under ``/usr/bin/time`` for the peak
-RSS, alternating the tools run by run, and reports medians and the ratio mergelab / mergekit. It also
-measures the machine's copy, file-read and file-write bandwidth for the floor (bytes read and written
-over bandwidth) and checks the outputs: streamed == in memory exactly, and mergekit's output against
-mergelab's where the two define the method the same way.
+Builds the checkpoints locally (no downloads): a pretrained model with random weights and T experts
+= pretrained + Gaussian task vectors (std ``tau`` times each tensor's RMS). ``--model gpt2``: GPT-2
+small's tensors (124M parameters, float32, one ``model.safetensors`` of ~500 MB, tau 1e-3);
+``--model llama-1b`` / ``llama-250m``: Llama-shaped models in bfloat16 (1.24B / 0.25B parameters,
+written shard by shard in 2 GB shards with an index, tau 2e-2: smaller bf16 deltas round to zero).
+
+For each T it runs, one subprocess each under ``/usr/bin/time`` (wall time, peak RSS), in every
+round and in rotating order:
+
+- ``floor``: this script reading every input file once (``preadv`` into one 4 MB buffer) and writing
+  one output of the pretrained model's size, fsync'ed like mergelab's atomic output: the I/O any
+  merge must do, without computing anything (no torch import);
+- ``stream``: ``mergelab merge`` (streams by default), ``memory``: ``mergelab merge --in-memory``;
+- ``mergekit``: ``mergekit-yaml`` where it defines the same method.
+
+Ratios to the floor are taken within each round (the same load), and their median is reported,
+end to end and for the merge itself (the time ``mergelab merge`` prints, after its imports). The
+outputs are checked: streamed == in memory exactly, and against mergekit where the two define the
+method the same way. ``--profile`` instead profiles one streamed merge in process on one thread:
+read, compute, write and the Python overhead per slice.
 
 mergekit is installed by this script into its own virtual environment (``--mergekit-venv``):
 ``torch==2.13.0`` first (the CPU wheel; a plain torch dependency would pull a multi-GB CUDA build),
 then ``mergekit``. ``--no-mergekit`` skips it.
 
     python benchmarks/static_merge.py --T 2 4 8 --repeats 3 --out runs/static_merge.json
+    python benchmarks/static_merge.py --model llama-1b --T 8 --modes floor stream --methods task_arithmetic ties
+    python benchmarks/static_merge.py --profile --T 8 --methods task_arithmetic ties ties_global
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -45,6 +59,8 @@ METHODS = {
              ("ties", {"weight": 1.0, "density": 0.2}, {"normalize": True})),
     "ties_global": (["--method", "ties", "--param", "density=0.2", "--param", "scope=global", "--param", "scaling=1.0"],
                     None),
+    "average": (["--method", "average"], ("linear", {"weight": 1.0}, {"normalize": True})),
+    "dare": (["--method", "dare", "--param", "drop_rate=0.9", "--param", "scaling=0.3", "--param", "seed=0"], None),
     "dare_ties": (["--method", "dare", "--param", "drop_rate=0.9", "--param", "combine=ties", "--param", "density=1.0",
                    "--param", "scaling=1.0", "--param", "seed=0"],
                   ("dare_ties", {"weight": 1.0, "density": 0.1}, {"normalize": True})),
@@ -52,12 +68,15 @@ METHODS = {
 # how the two tools' outputs should agree
 AGREEMENT = {
     "task_arithmetic": "same definition: should match to float32 rounding",
-    "ties": "same definition except k = round(d n) here vs int(d n) there and tie/zero-sign handling; "
-            "should match up to a few entries",
+    "average": "same definition: should match to float32 rounding",
+    "ties": "same definition (k = int(d n) entries per tensor) except ties at the threshold (kept here), the sign "
+            "of a zero sum and the order of the disjoint mean's division: should match up to a few entries",
     "dare_ties": "different random masks (per-(task, tensor) generator here, torch.bernoulli there) and mergekit "
                  "rescales survivors to the task vector's L1 norm instead of 1/(1-p): not comparable entry by entry",
 }
 
+
+# ---------------------------------------------------------------- checkpoints
 
 # ---------------------------------------------------------------- checkpoints
 
@@ -86,51 +105,98 @@ def gpt2_config(n_layer: int, d: int, vocab: int, ctx: int) -> dict:
             "bos_token_id": vocab - 1, "eos_token_id": vocab - 1, "torch_dtype": "float32"}
 
 
-def build_models(root: Path, n_experts: int, shapes: dict, config: dict, tau_rel_std: float = 1e-3) -> tuple[Path, list[Path]]:
-    """pretrained/ and expert_i/ directories (cached: an existing complete directory is reused)."""
-    from safetensors.torch import save_file
+def llama_shapes(n_layer: int, d: int, ffn: int, vocab: int, kv: int) -> dict[str, tuple[int, ...]]:
+    """A Llama's tensors (``model.`` prefix as on the hub; tied embeddings, so no ``lm_head``)."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, d)}
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "mlp.gate_proj.weight": (ffn, d), p + "mlp.up_proj.weight": (ffn, d), p + "mlp.down_proj.weight": (d, ffn),
+        })
+    shapes["model.norm.weight"] = (d,)
+    return shapes
 
-    from mergelab.core.io import atomic_write_dir
 
-    tag = json.dumps({"shapes": shapes, "config": config, "tau": tau_rel_std}, sort_keys=True)
+MODELS = {
+    # name: (shapes, config, dtype, tau relative std, shard size)
+    "gpt2": (lambda: gpt2_shapes(), lambda: gpt2_config(12, 768, 50257, 1024), torch.float32, 1e-3, None),
+    "small": (lambda: gpt2_shapes(2, 128, 1000, 128), lambda: gpt2_config(2, 128, 1000, 128), torch.float32, 1e-3, None),
+    # Llama 3.2 1B's shapes: 16 layers, hidden 2048, MLP 8192, 128,256 tokens, 8 KV heads of 64
+    "llama-1b": (lambda: llama_shapes(16, 2048, 8192, 128256, 512),
+                 lambda: {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+                          "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                          "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True,
+                          "torch_dtype": "bfloat16"},
+                 torch.bfloat16, 2e-2, 2 * 10**9),
+    # a quarter of it: 16 layers, hidden 1024, MLP 4096, 32,000 tokens, 8 KV heads of 32
+    "llama-250m": (lambda: llama_shapes(16, 1024, 4096, 32000, 256),
+                   lambda: {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
+                            "intermediate_size": 4096, "num_hidden_layers": 16, "num_attention_heads": 32,
+                            "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": True,
+                            "torch_dtype": "bfloat16"},
+                   torch.bfloat16, 2e-2, 2 * 10**9),
+}
 
-    def make(path: Path, fn) -> Path:
-        if (path / "model.safetensors").is_file() and (path / "spec.json").is_file() and (path / "spec.json").read_text() == tag:
+
+def build_models(root: Path, n_experts: int, shapes: dict, config: dict, tau_rel_std: float = 1e-3,
+                 dtype: torch.dtype = torch.float32, shard_size: int | None = None) -> tuple[Path, list[Path]]:
+    """pretrained/ and expert_i/ directories (cached: an existing complete directory is reused).
+
+    Written tensor by tensor (mergelab's ``ShardedWriter``), so building a 1B-parameter model needs
+    memory for one tensor at a time, not the model.
+    """
+    from mergelab.core.atomic import atomic_write_dir
+    from mergelab.methods.streaming.files import SafetensorsModel, ShardedWriter
+
+    tag = json.dumps({"shapes": shapes, "config": config, "tau": tau_rel_std, "dtype": str(dtype),
+                      "shard": shard_size}, sort_keys=True)
+
+    def make(path: Path, tensor) -> Path:
+        if (path / "spec.json").is_file() and (path / "spec.json").read_text() == tag:
             return path
 
         def fill(tmp: Path) -> None:
-            save_file(fn(), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            writer = ShardedWriter(tmp, [(k, dtype, s) for k, s in shapes.items()], shard_size or 1 << 62)
+            for k in shapes:
+                writer.begin(k)
+                writer.write(tensor(k))
+            writer.close()
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             (tmp / "spec.json").write_text(tag)
 
         console.print(f"building {path}")
-        return atomic_write_dir(path, fill)
+        return atomic_write_dir(path, fill)  # our own cache: a stale build is replaced
 
-    def pretrained() -> dict:
-        g = torch.Generator().manual_seed(0)
-        out = {}
-        for k, s in shapes.items():
-            if k.endswith("ln_1.weight") or k.endswith("ln_2.weight") or k == "ln_f.weight":
-                out[k] = 1.0 + 0.02 * torch.randn(s, generator=g)
-            else:
-                out[k] = 0.02 * torch.randn(s, generator=g)
-        return out
+    def pretrained(k: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(zlib_crc(k))
+        if k.endswith("norm.weight") or k.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            return (1.0 + 0.02 * torch.randn(shapes[k], generator=g)).to(dtype)
+        return (0.02 * torch.randn(shapes[k], generator=g)).to(dtype)
 
     pre_dir = make(root / "pretrained", pretrained)
+    base = SafetensorsModel(pre_dir, "pretrained")
     experts = []
     for i in range(n_experts):
-        def expert(i=i) -> dict:
-            from safetensors.torch import load_file
-
-            base = load_file(str(pre_dir / "model.safetensors"))
-            g = torch.Generator().manual_seed(1000 + i)
-            for v in base.values():
-                rms = float(v.pow(2).mean().sqrt())
-                v.add_(torch.randn(v.shape, generator=g), alpha=tau_rel_std * rms)
-            return base
+        def expert(k: str, i: int = i) -> torch.Tensor:
+            info = base.tensors[k]
+            v = base.read(k, 0, info.numel, None).reshape(info.shape).float()
+            g = torch.Generator().manual_seed(1000 * (i + 1) + zlib_crc(k))
+            rms = float(v.pow(2).mean().sqrt())
+            return v.add_(torch.randn(v.shape, generator=g), alpha=tau_rel_std * rms).to(dtype)
 
         experts.append(make(root / f"expert_{i}", expert))
+    base.close()
     return pre_dir, experts
+
+
+def zlib_crc(text: str) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode())
 
 
 # ---------------------------------------------------------------- mergekit
@@ -165,29 +231,6 @@ def mergekit_config(method: str, pre: Path, experts: list[Path]) -> str:
         "dtype": "float32",
     }
     return yaml.safe_dump(cfg, sort_keys=False)
-
-
-# ---------------------------------------------------------------- runs
-
-
-def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of ``cmd`` run under /usr/bin/time."""
-    stats = Path(f"/tmp/static_merge_time_{os.getpid()}.txt")
-    t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(stats), *cmd], capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    rss_kb = int(stats.read_text().strip().splitlines()[-1])
-    stats.unlink(missing_ok=True)
-    return wall, rss_kb / 1024
-
-
-def mergelab_cmd(method: str, pre: Path, experts: list[Path], out: Path, stream: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "mergelab.cli", "merge", *METHODS[method][0], "--pretrained", str(pre), "--out", str(out)]
-    for i, e in enumerate(experts):
-        cmd += ["--expert", f"e{i}={e}"]
-    return cmd + (["--stream"] if stream else [])
 
 
 def mergekit_cmd(exe: Path, config: Path, out: Path) -> list[str]:
@@ -231,41 +274,159 @@ def compare(a_dir: Path, b_dir: Path) -> dict:
             "keys_missing_in_second": missing[:5], "n_keys_missing": len(missing)}
 
 
-# ---------------------------------------------------------------- bandwidth (the floor)
 
 
-def bandwidth(sample_file: Path, tmp_dir: Path) -> dict:
-    """Copy bandwidth of a big tensor, read bandwidth of a cached file, write bandwidth of a file (GB/s)."""
-    x = torch.randn(64 * 1024 * 1024)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    best = min(_time(lambda: y.copy_(x)) for _ in range(5))
-    copy = 2 * x.numel() * 4 / best / 1e9  # read + write
-    size = sample_file.stat().st_size
-    buf = bytearray(size)
-    for _ in range(2):
-        _read(sample_file, buf)
-    read = size / min(_time(lambda: _read(sample_file, buf)) for _ in range(3)) / 1e9
-    target = tmp_dir / ".bw_write_test"
-    w = []
-    for _ in range(3):
-        w.append(_time(lambda: target.write_bytes(buf)))
-        target.unlink()
-    write = size / min(w) / 1e9
-    return {"copy_GBps": round(copy, 2), "file_read_GBps": round(read, 2), "file_write_GBps": round(write, 2),
-            "note": "copy: (read + write bytes) / time of a 256 MB tensor copy; file read: a cached 500 MB file "
-                    "into a buffer; file write: 500 MB into the page cache (no fsync); best of a few"}
+# ---------------------------------------------------------------- runs
+
+# The floor: read every input file once into one buffer, write one output of the pretrained model's
+# size and fsync it (mergelab's output is fsync'ed before its rename). Plain Python: no torch import.
+FLOOR = r"""
+import os, sys
+out, size, inputs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+buf = memoryview(bytearray(1 << 22))
+for f in inputs:
+    fd = os.open(f, os.O_RDONLY)
+    at = 0
+    while True:
+        n = os.preadv(fd, [buf], at)
+        if n <= 0:
+            break
+        at += n
+    os.close(fd)
+fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+left = size
+while left:
+    left -= os.write(fd, buf[:min(left, len(buf))])
+os.fsync(fd)
+os.close(fd)
+os.unlink(out)
+"""
 
 
-def _read(path: Path, buf: bytearray) -> None:
-    with open(path, "rb", buffering=0) as fh:
-        fh.readinto(buf)
+def weight_files(directory: Path) -> list[Path]:
+    from mergelab.core.checkpoint import locate_weights
+
+    return list(locate_weights(directory).files)
 
 
-def _time(fn) -> float:
+def floor_cmd(pre: Path, experts: list[Path], out: Path) -> list[str]:
+    files = [f for d in (pre, *experts) for f in weight_files(d)]
+    size = sum(f.stat().st_size for f in weight_files(pre))
+    return [sys.executable, "-c", FLOOR, str(out), str(size), *map(str, files)]
+
+
+def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, float | None]:
+    """(wall seconds, peak RSS in MB, the merge's own seconds as ``mergelab merge`` prints them) of ``cmd``."""
+    stats = Path(f"/tmp/static_merge_time_{os.getpid()}.txt")
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    env = {**os.environ, "COLUMNS": "1000", **(env or {})}  # one line per message
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(stats), *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    rss_kb = int(stats.read_text().strip().splitlines()[-1])
+    stats.unlink(missing_ok=True)
+    m = re.search(r"experts with .* in ([0-9.]+)s ->", proc.stdout.replace("\n", " "))
+    return wall, rss_kb / 1024, float(m.group(1)) if m else None
+
+
+def mergelab_cmd(method: str, pre: Path, experts: list[Path], out: Path, stream: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "mergelab.cli", "-q", "merge", *METHODS[method][0], "--pretrained", str(pre),
+           "--out", str(out), "--shard-size", "2GB"]
+    for i, e in enumerate(experts):
+        cmd += ["--expert", f"e{i}={e}"]
+    return cmd + (["--stream"] if stream else ["--in-memory"])
+
+
+# ---------------------------------------------------------------- profile
+
+
+def profile(method: str, pre: Path, experts: list[Path], out: Path) -> dict:
+    """One streamed merge in process, one worker thread: where the time goes.
+
+    read: inside ``SafetensorsModel.read`` (``preadv`` from the page cache); write: inside the shard
+    writer; thresholds: TIES' selection passes (their own reads included); compute: the rest of the
+    merge; Python overhead per slice: a merge of two-element slices of the same tensors, whose
+    arithmetic is negligible, per slice.
+    """
+    from mergelab.methods.registry import merge_label, slice_form
+    from mergelab.methods.streaming import engine, files
+    from mergelab.methods.streaming.merge import StreamInputs
+
+    params = parse_cli_params(METHODS[method][0])
+    name = METHODS[method][0][1]
+    timers = {"read": 0.0, "write": 0.0, "thresholds": 0.0, "thresholds_read": 0.0}
+    phase = {"now": ""}
+    read0, write0 = files.SafetensorsModel.read, files.ShardedWriter.write
+    sel0, cache0 = engine.SliceMerger._select, engine.SliceMerger._cache
+
+    def timed(fn, what):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            outer = phase["now"]
+            if what == "thresholds":
+                phase["now"] = "thresholds"
+            try:
+                return fn(*a, **k)
+            finally:
+                phase["now"] = outer
+                key = "thresholds_read" if what == "read" and outer == "thresholds" else what
+                timers[key] += time.perf_counter() - t
+        return wrapper
+
+    files.SafetensorsModel.read = timed(read0, "read")
+    files.ShardedWriter.write = timed(write0, "write")
+    engine.SliceMerger._select = timed(sel0, "thresholds")
+    engine.SliceMerger._cache = timed(cache0, "thresholds")
+    torch.set_num_threads(1)
+    inputs = StreamInputs(pre, {f"e{i}": e for i, e in enumerate(experts)})
+    try:
+        form = slice_form(name, inputs.tasks, params)
+        merger = engine.SliceMerger(inputs.pre, inputs.experts, form, label=merge_label(name, params), threads=1)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        entries = [(k, i.dtype, i.shape) for k, i in inputs.pre.tensors.items()]
+        writer = files.ShardedWriter(out, entries, 2 * 10**9)
+        t0 = time.perf_counter()
+        merger.run(writer)
+        writer.close()
+        total = time.perf_counter() - t0
+        slices = sum(len(merger._slices(k)) for k, i in inputs.pre.tensors.items() if i.dtype.is_floating_point)
+        # Python overhead: the same calls on two-element slices (one per tensor), repeated
+        keys = [k for k, i in inputs.pre.tensors.items() if i.dtype.is_floating_point and i.numel >= 2]
+        merger._set_thresholds(tuple(torch.tensor(0.0) for _ in inputs.tasks))
+        for _ in range(2):
+            t1 = time.perf_counter()
+            for k in keys:
+                merger._merge_slice(k, 0, 2)
+            per_slice = (time.perf_counter() - t1) / len(keys)
+    finally:
+        files.SafetensorsModel.read, files.ShardedWriter.write = read0, write0
+        engine.SliceMerger._select, engine.SliceMerger._cache = sel0, cache0
+        inputs.close()
+        shutil.rmtree(out, ignore_errors=True)
+    merge_pass = total - timers["thresholds"]
+    return {"method": method, "T": len(experts), "total_s": total,
+            "thresholds_read_s": timers["thresholds_read"],
+            "thresholds_compute_s": timers["thresholds"] - timers["thresholds_read"],
+            "merge_read_s": timers["read"], "merge_write_s": timers["write"],
+            "merge_compute_s": merge_pass - timers["read"] - timers["write"],
+            "slices_per_pass": slices, "python_overhead_per_slice_us": per_slice * 1e6,
+            "python_overhead_merge_pass_s": per_slice * slices,
+            "note": "one thread, in process (no start-up); TIES thresholds: the selection passes (sample, count, "
+                    "and for per-tensor TIES the cached tensors' single read); merge pass: read, compute, write; "
+                    "Python overhead: the merge-pass calls on two-element slices, times the slices (part of compute)"}
+
+
+def parse_cli_params(argv: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--param":
+            key, _, raw = value.partition("=")
+            out[key] = yaml.safe_load(raw)
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -273,33 +434,40 @@ def _time(fn) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt2", choices=list(MODELS))
     ap.add_argument("--T", type=int, nargs="+", default=[2, 4, 8], help="numbers of experts (default 2 4 8)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--modes", nargs="+", default=["memory", "stream", "mergekit"], choices=["memory", "stream", "mergekit"])
+    ap.add_argument("--modes", nargs="+", default=["floor", "stream", "memory", "mergekit"],
+                    choices=["floor", "stream", "memory", "mergekit"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work-dir", type=Path, default=CACHE / "static_merge_bench")
     ap.add_argument("--mergekit-venv", type=Path, default=CACHE / "mergekit-venv")
     ap.add_argument("--no-mergekit", action="store_true", help="benchmark mergelab only")
-    ap.add_argument("--small", action="store_true", help="a 2-layer, 1k-vocab model: a smoke test of this script")
+    ap.add_argument("--small", action="store_true", help="same as --model small: a smoke test of this script")
+    ap.add_argument("--profile", action="store_true", help="profile one streamed merge per method in process")
     ap.add_argument("--out", type=Path, default=Path("runs/static_merge.json"))
     args = ap.parse_args(argv)
+    model = "small" if args.small else args.model
 
-    dims = dict(n_layer=2, d=128, vocab=1000, ctx=128) if args.small else dict(n_layer=12, d=768, vocab=50257, ctx=1024)
-    shapes = gpt2_shapes(**dims)
+    shapes_fn, config_fn, dtype, tau, shard = MODELS[model]
+    shapes = shapes_fn()
     n_params = sum(torch.Size(s).numel() for s in shapes.values())
-    root = args.work_dir / ("small" if args.small else "gpt2")
-    pre, experts = build_models(root, max(args.T), shapes, gpt2_config(**dims))
+    root = args.work_dir / model
+    pre, experts = build_models(root, max(args.T), shapes, config_fn(), tau, dtype, shard)
+    outs = args.work_dir / "outputs"
+    outs.mkdir(parents=True, exist_ok=True)
+    model_bytes = sum(f.stat().st_size for f in weight_files(pre))
+    if args.profile:
+        prof = [profile(m, pre, experts[:T], outs / "profile") for T in args.T for m in args.methods]
+        for p in prof:
+            console.print(p)
+        return _save(args, [], {}, n_params, model_bytes, [], model, dtype, profile=prof)
     modes = list(args.modes)
     mk = None
     if "mergekit" in modes:
         mk = None if args.no_mergekit else ensure_mergekit(args.mergekit_venv)
         if mk is None:
             modes.remove("mergekit")
-    outs = args.work_dir / "outputs"
-    outs.mkdir(parents=True, exist_ok=True)
-    bw = bandwidth(pre / "model.safetensors", outs)
-    console.print(f"bandwidth: {bw}")
-    model_bytes = (pre / "model.safetensors").stat().st_size
 
     rows: list[dict] = []
     failures: list[dict] = []
@@ -311,31 +479,48 @@ def main(argv: list[str] | None = None) -> dict:
                 cfg_path.write_text(mergekit_config(method, pre, experts[:T]))
             times: dict[str, list[float]] = {m: [] for m in ms}
             rss: dict[str, list[float]] = {m: [] for m in ms}
+            own: dict[str, list[float]] = {m: [] for m in ms}
+            ratios: dict[str, list[float]] = {m: [] for m in ms}
+            own_ratios: dict[str, list[float]] = {m: [] for m in ms}
             for r in range(args.repeats):
-                order = ms[r % len(ms):] + ms[: r % len(ms)]  # alternate which tool goes first
+                order = ms[r % len(ms):] + ms[: r % len(ms)]  # rotate which one goes first
+                got: dict[str, tuple[float, float | None]] = {}
                 for mode in order:
                     out = outs / f"{mode}_{method}_{T}"
                     shutil.rmtree(out, ignore_errors=True)
                     if mode == "mergekit":
                         cmd = mergekit_cmd(mk, cfg_path, out)
+                    elif mode == "floor":
+                        cmd = floor_cmd(pre, experts[:T], outs / "floor.bin")
                     else:
                         cmd = mergelab_cmd(method, pre, experts[:T], out, stream=mode == "stream")
                     try:
-                        wall, peak = run_timed(cmd)
+                        wall, peak, merge_s = run_timed(cmd)
                     except RuntimeError as exc:  # e.g. killed for memory: record it, go on
                         failures.append({"T": T, "method": method, "mode": mode, "error": str(exc)[-1500:]})
                         console.print(f"[red]T={T} {method} {mode} failed[/]: {str(exc)[-300:]}")
                         continue
                     times[mode].append(wall)
                     rss[mode].append(peak)
-                    console.print(f"T={T} {method:16s} {mode:9s} run {r + 1}: {wall:6.1f} s  {peak:7.0f} MB")
+                    if merge_s is not None:
+                        own[mode].append(merge_s)
+                    got[mode] = (wall, merge_s)
+                    console.print(f"T={T} {method:16s} {mode:9s} run {r + 1}: {wall:6.1f} s  {peak:7.0f} MB"
+                                  + (f"  (merge {merge_s:.1f} s)" if merge_s is not None else ""))
+                if "floor" in got:
+                    fl = got["floor"][0]
+                    for m, (w, own_s) in got.items():
+                        ratios[m].append(w / fl)
+                        if own_s is not None:
+                            own_ratios[m].append(own_s / fl)
             ms = [m for m in ms if times[m]]
             row = {"T": T, "method": method, "params": METHODS[method][0],
                    "wall_s": {m: times[m] for m in ms}, "peak_rss_mb": {m: rss[m] for m in ms},
+                   "merge_s": {m: own[m] for m in ms if own[m]},
                    "median_wall_s": {m: statistics.median(times[m]) for m in ms},
-                   "median_peak_rss_mb": {m: statistics.median(rss[m]) for m in ms}}
-            floor = ((T + 1) * model_bytes / (bw["file_read_GBps"] * 1e9) + model_bytes / (bw["file_write_GBps"] * 1e9))
-            row["floor_s"] = floor
+                   "median_peak_rss_mb": {m: statistics.median(rss[m]) for m in ms},
+                   "x_floor": {m: statistics.median(ratios[m]) for m in ms if ratios[m]},
+                   "merge_x_floor": {m: statistics.median(own_ratios[m]) for m in ms if own_ratios[m]}}
             checks = {}
             if "memory" in ms and "stream" in ms and (outs / f"memory_{method}_{T}").is_dir():
                 checks["stream_vs_memory"] = compare(outs / f"stream_{method}_{T}", outs / f"memory_{method}_{T}")
@@ -351,58 +536,66 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             for m in ms:
                 shutil.rmtree(outs / f"{m}_{method}_{T}", ignore_errors=True)
-            _save(args, rows, bw, n_params, model_bytes, failures)
-    result = _save(args, rows, bw, n_params, model_bytes, failures)
+            _save(args, rows, {}, n_params, model_bytes, failures, model, dtype)
+    result = _save(args, rows, {}, n_params, model_bytes, failures, model, dtype)
     Console().print(table(rows))
     return result
 
 
-def _save(args, rows, bw, n_params, model_bytes, failures) -> dict:
+def _save(args, rows, bw, n_params, model_bytes, failures, model, dtype, profile=None) -> dict:
     result = {
         "command": "python benchmarks/static_merge.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "note": "2 CPU cores shared with other jobs; warm page cache; runs alternate, medians reported"},
-        "model": {"params": n_params, "bytes_per_model": model_bytes, "dtype": "float32"},
-        "bandwidth": bw, "rows": rows, "failures": failures,
+                    "load_average_at_end": os.getloadavg(),
+                    "note": "2 CPU cores shared with other jobs; runs rotate within each round; ratios to the floor "
+                            "are taken within a round, medians reported"},
+        "model": {"name": model, "params": n_params, "bytes_per_model": model_bytes, "dtype": str(dtype)},
+        "rows": rows, "failures": failures,
     }
+    if profile is not None:
+        result["profile"] = profile
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from mergelab.core.io import atomic_write_text
+    from mergelab.core.atomic import atomic_write_text
 
     atomic_write_text(args.out, json.dumps(result, indent=2))
     return result
 
 
+def _cells(r: dict) -> dict[str, str]:
+    w, m, x, ox = r["median_wall_s"], r["median_peak_rss_mb"], r.get("x_floor", {}), r.get("merge_x_floor", {})
+    out = {}
+    for mode in ("floor", "stream", "memory", "mergekit"):
+        if mode not in w:
+            out[mode] = "-"
+            continue
+        cell = f"{w[mode]:.1f} s / {m[mode]:,.0f} MB"
+        if mode != "floor" and mode in x:
+            cell += f" / **{x[mode]:.1f}x**" + (f" ({ox[mode]:.1f}x)" if mode in ox else "")
+        out[mode] = cell
+    return out
+
+
 def table(rows: list[dict]) -> Table:
-    t = Table(title="static merges: median wall time (s) / peak RSS (MB)")
-    for col in ("T", "method", "in memory", "streamed", "mergekit", "stream / mergekit", "floor"):
+    t = Table(title="static merges: median wall s / peak RSS MB / x floor (merge alone x floor)")
+    for col in ("T", "method", "floor", "streamed", "in memory", "mergekit"):
         t.add_column(col, justify="right")
     for r in rows:
-        w, m = r["median_wall_s"], r["median_peak_rss_mb"]
-
-        def cell(mode: str, w=w, m=m) -> str:
-            return f"{w[mode]:.1f} / {m[mode]:.0f}" if mode in w else "-"
-
-        ratio = r.get("ratio_wall_vs_mergekit", {}).get("stream")
-        rr = r.get("ratio_rss_vs_mergekit", {}).get("stream")
-        t.add_row(str(r["T"]), r["method"], cell("memory"), cell("stream"), cell("mergekit"),
-                  f"{ratio:.2f} / {rr:.2f}" if ratio is not None else "-", f"{r['floor_s']:.1f}")
+        c = _cells(r)
+        t.add_row(str(r["T"]), r["method"], c["floor"], c["stream"], c["memory"], c["mergekit"])
     return t
 
 
 def markdown(paths: list[Path]) -> str:
-    """The docs table from result files: median wall s / peak RSS MB per mode, ratios to mergekit."""
-    lines = ["| T | method | in memory | streamed | mergekit | streamed / mergekit (time, RSS) | floor s | streamed / floor |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    rows = sorted((r for p in paths for r in json.loads(Path(p).read_text())["rows"]), key=lambda r: (r["T"], list(METHODS).index(r["method"])))
-    for r in rows:
-        w, m = r["median_wall_s"], r["median_peak_rss_mb"]
-        cells = [f"{w[k]:.1f} s / {m[k]:,.0f} MB" if k in w else "-" for k in ("memory", "stream", "mergekit")]
-        ratio = r.get("ratio_wall_vs_mergekit", {}).get("stream")
-        rr = r.get("ratio_rss_vs_mergekit", {}).get("stream")
-        rat = f"{ratio:.2f} / {rr:.2f}" if ratio is not None else "-"
-        floor = f"{w['stream'] / r['floor_s']:.1f}x" if "stream" in w else "-"
-        lines.append(f"| {r['T']} | {r['method']} | {' | '.join(cells)} | {rat} | {r['floor_s']:.1f} | {floor} |")
+    """The docs table from result files: median wall s / peak RSS MB / median ratio to the floor per mode."""
+    lines = ["| model | T | method | floor | streamed (default) | in memory | mergekit |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    rows = sorted(((json.loads(Path(p).read_text())["model"]["name"], r) for p in paths
+                   for r in json.loads(Path(p).read_text())["rows"]),
+                  key=lambda x: (x[0], x[1]["T"], list(METHODS).index(x[1]["method"])))
+    for model, r in rows:
+        c = _cells(r)
+        lines.append(f"| {model} | {r['T']} | {r['method']} | {c['floor']} | {c['stream']} | {c['memory']} | {c['mergekit']} |")
     return "\n".join(lines)
 
 

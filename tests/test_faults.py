@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 import mergelab
 from mergelab.cli import app
-from mergelab.core import io
+from mergelab.core import atomic, io
 from mergelab.pools import finetune as ft
 from mergelab.pools.data.tasks import TextTask
 from mergelab.pools.families.text import TextClassifierFamily
@@ -126,7 +126,8 @@ def pool(tmp_path_factory):
 
 
 def merge_args(pre, a, b, out, method="ties"):
-    return ["merge", "-m", method, "-p", str(pre), "-e", f"a={a}", "-e", f"b={b}", "-o", str(out)]
+    # --in-memory: the faults below are injected into safetensors.torch.save_file, which the in-memory save calls
+    return ["merge", "-m", method, "-p", str(pre), "-e", f"a={a}", "-e", f"b={b}", "-o", str(out), "--in-memory"]
 
 
 # ---------------------------------------------------------------------------------------------- merge killed
@@ -239,6 +240,32 @@ def test_disk_full_during_merge_cli(pool, tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".merged.*"))
 
 
+def test_disk_full_during_the_default_streamed_merge(pool, tmp_path, monkeypatch):
+    """The default (streamed) merge hits a full disk mid-shard: exit 1 with the reason, the previous
+    output intact, no temporary folder left."""
+    from mergelab.methods.streaming.files import ShardedWriter
+
+    root, pre, a, b = pool
+    out = tmp_path / "merged"
+    args = [x for x in merge_args(pre, a, b, out, "average") if x != "--in-memory"]
+    assert runner.invoke(app, args).exit_code == 0
+    before = digest(out)
+    real_write, calls = ShardedWriter.write, []
+
+    def full(self, chunk):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, chunk)
+
+    monkeypatch.setattr(ShardedWriter, "write", full)
+    result = runner.invoke(app, [x if x != "average" else "ties" for x in args])
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.output and "Traceback" not in result.output
+    assert len(calls) > 3 and digest(out) == before
+    assert not list(tmp_path.glob(".merged.*"))
+
+
 def test_disk_full_in_atomic_write_bytes(tmp_path, monkeypatch):
     target = tmp_path / "results.json"
     io.atomic_write_text(target, '{"old": 1}\n')
@@ -274,7 +301,7 @@ def test_replacing_an_output_never_leaves_the_target_missing(tmp_path, monkeypat
     probe_a.mkdir()
     probe_b.mkdir()
     (probe_a / "f").write_text("a")
-    supported = io._exchange(probe_a, probe_b)
+    supported = atomic._exchange(probe_a, probe_b)
     if supported:
         assert (probe_b / "f").read_text() == "a" and not (probe_a / "f").exists()
     moved_aside = []
@@ -283,7 +310,7 @@ def test_replacing_an_output_never_leaves_the_target_missing(tmp_path, monkeypat
     io.save_model({"w": torch.full((3,), 2.0)}, out)
     assert torch.equal(io.load_state_dict(out)["w"], torch.full((3,), 2.0))
     assert (out in moved_aside) is (not supported)
-    monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # the fallback path
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # the fallback path
     io.save_model({"w": torch.full((3,), 3.0)}, out)
     assert torch.equal(io.load_state_dict(out)["w"], torch.full((3,), 3.0))
     assert not list(tmp_path.glob(".out.*"))

@@ -103,7 +103,7 @@ def _ties_reference(pre, experts, density, scope, lam):
         segments = [(0, taus.shape[1])] if scope == "global" else list(zip(np.cumsum([0] + sizes[:-1]), np.cumsum(sizes)))
         for lo, hi in segments:
             seg = taus[t, lo:hi]
-            k = max(1, int(round(density * seg.size)))
+            k = max(1, int(density * seg.size))  # floor, as the TIES authors and mergekit
             thr = np.sort(np.abs(seg))[::-1][k - 1]
             trimmed[t, lo:hi] = np.where(np.abs(seg) >= thr, seg, 0.0)
     gamma = np.sign(trimmed.sum(0))

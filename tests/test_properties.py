@@ -153,7 +153,7 @@ def test_ties_one_expert_keeps_its_top_entries_unchanged(pool, density):
     if kept.any() and dropped.any():
         assert flat_tau[kept].abs().min() >= flat_tau[dropped].abs().max() - 1e-6
     n = flat_tau.numel()
-    k_wanted = max(1, min(n, round(density * n)))
+    k_wanted = max(1, min(n, int(density * n)))  # floor, as the TIES authors and mergekit
     assert int(kept.sum()) >= min(k_wanted, int((flat_tau != 0).sum()))
     if density == 1.0:
         torch.testing.assert_close(flat_delta, flat_tau, rtol=1e-5, atol=1e-6)

@@ -136,8 +136,8 @@ def merge(
     param: list[str] | None = typer.Option(None, "--param", help="KEY=VALUE method parameter (YAML value); repeatable."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (written atomically; never an input). With --config: the run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or progress lines."),
-    stream: bool = typer.Option(False, "--stream", help="Merge slice by slice from safetensors files (memory: a few slices per model; docs/streaming.md)."),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="With --stream: bytes per output shard (5GB, 500MB, ...)."),
+    stream: bool | None = typer.Option(None, "--stream/--in-memory", help="Stream slice by slice from safetensors files (memory: a few slices per model; docs/streaming.md), or load whole models. Default: stream whenever the inputs and the method allow it, else say why and merge in memory."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Streamed merges: bytes per output shard (5GB, 500MB, ...)."),
 ) -> None:
     """Merge experts into one model and save it as a Hugging Face directory; or run a config's sweep.
 
@@ -148,6 +148,10 @@ def merge(
 
         mergelab merge --config configs/static_sweep.yaml --out runs/sweep
 
+    Safetensors inputs (sharded or not) are streamed by default: a few slices per model in memory,
+    the same result as the in-memory merge. Pickle checkpoints (.bin, .pt), or a method without a
+    per-tensor form, are merged in memory, with a line saying why.
+
     With --config every method of the configuration (each point of its sweeps) is merged and saved
     under RUN_DIR/models/<label>, with results.json, results.md, merge_coefficients.png, config.yaml,
     environment.json, run.log and report.md/.html in RUN_DIR.
@@ -156,7 +160,7 @@ def merge(
 
     if config is not None:
         given = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
-                                ("--param", param), ("--stream", stream)) if v]
+                                ("--param", param), ("--stream" if stream else "--in-memory", stream is not None)) if v]
         if given:
             raise InputError(f"--config describes the pool and the methods; drop {', '.join(given)}"
                              + (" (streamed merges take the flag form)" if stream else ""))
@@ -169,7 +173,9 @@ def merge(
     if missing:
         raise InputError(f"missing {', '.join(missing)} (or give --config FILE); see mergelab merge --help")
     summary = merge_flags(method, pretrained, parse_experts(expert), parse_params(param or []), out, stream=stream,
-                          shard_size=shard_size, progress=not quiet)
+                          shard_size=shard_size, progress=not quiet,
+                          note=lambda why: err_console.print(f"merging in memory: {why}", highlight=False,
+                                                             soft_wrap=True))
     console.print(summary, highlight=False)
 
 

@@ -42,17 +42,25 @@ def _list_keys(keys: list[str]) -> str:
     return f"{shown}{f' and {more} more' if more > 0 else ''} ({len(keys)} in all)"
 
 
+def _where(spec: object) -> str:
+    """`` (file)`` for a tensor read from a file (a header entry with a ``file``), else nothing."""
+    file = getattr(spec, "file", None)
+    return f" ({file})" if file is not None else ""
+
+
 def check_compatible(
-    pretrained: StateDict,
-    experts: Mapping[str, StateDict],
+    pretrained: Mapping[str, object],
+    experts: Mapping[str, Mapping[str, object]],
     *,
     check_finite: bool = True,
 ) -> None:
-    """Refuse to merge models that do not fit together.
+    """Refuse to merge models that do not fit together: the one compatibility check of every merge.
 
-    Checks, for each expert: the same keys as the pretrained model, the same shape per key, and
-    finite values in every floating tensor (pretrained included). Raises
-    :class:`IncompatibleModelsError` naming the expert, the key and what differs.
+    Checks, for each expert: the same keys as the pretrained model, the same shape per key, floating
+    point where the pretrained tensor is, and (``check_finite``, tensors only) finite values in every
+    floating tensor (pretrained included). The values may be tensors or anything with ``shape`` and
+    ``dtype`` (the streamed merge passes safetensors header entries, whose ``file`` the messages name).
+    Raises :class:`IncompatibleModelsError` naming the expert, the key (and file) and what differs.
     """
     if not experts:
         raise InputError("no experts given: merging needs at least one expert model")
@@ -69,33 +77,39 @@ def check_compatible(
                 parts.append(f"missing keys {_list_keys(missing)}")
             if extra:
                 parts.append(f"extra keys {_list_keys(extra)}")
+            where = getattr(expert, "path", None)
             raise IncompatibleModelsError(
-                f"expert {name!r} does not match the pretrained model: {'; '.join(parts)}. "
-                "Are both the same architecture (and both bodies, or both full models)?"
+                f"expert {name!r}{f' ({where})' if where else ''} does not match the pretrained model: "
+                f"{'; '.join(parts)}. Are both the same architecture (and both bodies, or both full models)?"
             )
         for key, ref in pretrained.items():
             t = expert[key]
             if tuple(t.shape) != tuple(ref.shape):
                 raise IncompatibleModelsError(
-                    f"expert {name!r}, key {key!r}: shape {tuple(t.shape)} differs from the pretrained "
-                    f"model's {tuple(ref.shape)}"
+                    f"expert {name!r}, key {key!r}{_where(t)}: shape {tuple(t.shape)} differs from the pretrained "
+                    f"model's {tuple(ref.shape)}{_where(ref)}"
                 )
-            if is_mergeable(ref) != is_mergeable(t):
+            if ref.dtype.is_floating_point != t.dtype.is_floating_point:
                 raise IncompatibleModelsError(
-                    f"expert {name!r}, key {key!r}: dtype {t.dtype} cannot be merged with the pretrained "
+                    f"expert {name!r}, key {key!r}{_where(t)}: dtype {t.dtype} cannot be merged with the pretrained "
                     f"model's {ref.dtype} (one is floating point, the other is not)"
                 )
         if check_finite:
             _check_finite(f"expert {name!r}", expert)
 
 
+def non_finite_error(owner: str, key: str, count: int, file: object = None) -> IncompatibleModelsError:
+    """The one message for a NaN or Inf in an input, in memory or streamed."""
+    return IncompatibleModelsError(
+        f"{owner}, key {key!r}{f' ({file})' if file is not None else ''}: {count} non-finite value(s) "
+        "(NaN or Inf); refusing to merge"
+    )
+
+
 def _check_finite(owner: str, sd: StateDict) -> None:
     for key, t in sd.items():
         if is_mergeable(t) and not kernels.all_finite(t):
-            bad = int((~torch.isfinite(t)).sum())
-            raise IncompatibleModelsError(
-                f"{owner}, key {key!r}: {bad} non-finite value(s) (NaN or Inf); refusing to merge"
-            )
+            raise non_finite_error(owner, key, int((~torch.isfinite(t)).sum()))
 
 
 class TaskVector(Mapping[str, Tensor]):

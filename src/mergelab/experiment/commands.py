@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +21,30 @@ from mergelab.experiment.config import RunConfig, load_config
 
 
 def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params: Mapping[str, Any], out: Path, *,
-                stream: bool = False, shard_size: str = "5GB", progress: bool = True) -> str:
-    """Merge ``experts`` into ``pretrained`` with static ``method`` and save it at ``out``; a one-line summary."""
+                stream: bool | None = None, shard_size: str = "5GB", progress: bool = True,
+                note: Callable[[str], None] | None = None) -> str:
+    """Merge ``experts`` into ``pretrained`` with static ``method`` and save it at ``out``; a one-line summary.
+
+    ``stream``: None streams whenever every input is safetensors and the method has a per-tensor form, else
+    merges in memory and calls ``note(why)``; True streams (an input it cannot read is an error naming the
+    file); False loads whole models."""
     from mergelab import methods
     from mergelab.core import io
 
-    methods.get_static(method)  # unknown or not static: fail before loading anything
+    info = methods.get_static(method)  # unknown or not static: fail before loading anything
     io.check_output_path(out, [pretrained, *experts.values()])
     io.check_replaceable(out)  # before loading anything
     t0 = time.perf_counter()
-    if stream:
-        from mergelab.methods.streaming import stream_merge
+    if stream is not False:
+        from mergelab.methods.streaming import stream_merge, streamable
 
-        stream_merge(method, pretrained, dict(experts), out, shard_size=shard_size, progress=progress, **params)
-        return (f"streamed {len(experts)} experts with [bold]{method}[/] {dict(params) or ''} in "
-                f"{time.perf_counter() - t0:.1f}s -> {out}")
+        why_not = f"method {method!r} has no per-tensor form" if info.stream is None else streamable(pretrained, experts)
+        if why_not is None or stream:  # --stream with an input it cannot read: its error names the file
+            stream_merge(method, pretrained, dict(experts), out, shard_size=shard_size, progress=progress, **params)
+            return (f"streamed {len(experts)} experts with [bold]{method}[/] {dict(params) or ''} in "
+                    f"{time.perf_counter() - t0:.1f}s -> {out}")
+        if note is not None:
+            note(why_not)
     pre_sd = io.load_state_dict(pretrained)
     expert_sds = {name: io.load_state_dict(path) for name, path in experts.items()}
     merged = methods.merge(method, pre_sd, expert_sds, **params)

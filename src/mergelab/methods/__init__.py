@@ -22,12 +22,13 @@ from mergelab.methods.registry import (
     plan,
     register,
     register_method,
+    slice_form,
     unregister,
 )
 from mergelab.methods.transforms import disjoint_split, drop, elect_sign, trim
 
 __all__ = [
     "DATA_NEEDS", "KINDS", "MergePlan", "MethodInfo", "MethodOutput", "PoolView", "available", "get", "get_static",
-    "merge", "plan", "register", "register_method", "unregister",
+    "merge", "plan", "register", "register_method", "slice_form", "unregister",
     "trim", "elect_sign", "disjoint_split", "drop",
 ]

@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 
 from mergelab.core.errors import ParameterError
 from mergelab.methods.registry import MergePlan, check_number, register
+from mergelab.methods.task_arithmetic import weighted_sum_form
 
 
-@register("average")
+@register("average", stream=weighted_sum_form)
 def average(vectors, weights: Mapping[str, float] | Sequence[float] | None = None) -> MergePlan:
     """Weight averaging of the experts (uniform, or weighted by ``weights``).
 

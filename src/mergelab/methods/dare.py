@@ -11,12 +11,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from mergelab.core.errors import ParameterError
+from mergelab.core.kernels import Drop, SliceForm
 from mergelab.methods.registry import MergePlan, per_task_values, register
-from mergelab.methods.ties import ties_parts
+from mergelab.methods.ties import ties_parts, ties_steps
 from mergelab.methods.transforms import drop
 
 
-@register("dare")
+def dare_form(plan: MergePlan) -> SliceForm:
+    """Drop and rescale per slice, then Task Arithmetic's sum or TIES' steps."""
+    p = plan.params
+    steps = (Drop(p["drop_rate"], p["seed"]),)
+    if p["combine"] == "ties":
+        steps += ties_steps(p["density"], p["scope"])
+    return SliceForm(plan.coefficients, steps)
+
+
+@register("dare", stream=dare_form)
 def dare(
     vectors,
     drop_rate: float = 0.9,

@@ -12,6 +12,13 @@ kinds differ in where lambda comes from (docs/architecture.md):
 
 An entry also says which data it reads (:data:`DATA_NEEDS`) and has typed parameters (a pydantic model:
 defaults, and a validation error that names the field).
+
+A static method may also declare its per-tensor form, ``register(name, stream=form)``: ``form(plan)`` turns
+the plan of the method's parameters (computed on empty task vectors, which also validates them)
+into a :class:`~mergelab.core.kernels.SliceForm` of shared kernels. :func:`merge` and the streamed merge
+(:func:`mergelab.methods.streaming.stream_merge`) then run that form tensor by tensor, slice by slice: the
+in-memory merge needs the inputs plus one model, and the streamed merge is bit-identical to it. A
+method without a form merges in memory through its plan and cannot be streamed.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from torch import Tensor
 
 from mergelab.core import kernels
 from mergelab.core.errors import InputError, ParameterError
-from mergelab.core.statedict import StateDict, TaskVector, combine, task_vectors
+from mergelab.core.kernels import SliceForm
+from mergelab.core.statedict import StateDict, TaskVector, check_compatible, combine, task_vectors
 
 Kind = Literal["static", "dynamic", "adaptive"]
 KINDS: tuple[str, ...] = ("static", "dynamic", "adaptive")
@@ -111,6 +119,7 @@ class MethodInfo:
     kind: str = "static"
     needs: str = "nothing"
     model: type[BaseModel] | None = None  # the typed parameters
+    stream: Callable[[MergePlan], SliceForm] | None = None  # static: the per-tensor form, if the method has one
 
     def describe(self) -> str:
         ps = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -155,14 +164,19 @@ def _signature_model(name: str, fn: Callable[..., Any]) -> tuple[dict[str, Any],
     return defaults, model
 
 
-def register(name: str) -> Callable[[Callable[..., MergePlan]], Callable[..., MergePlan]]:
-    """Decorator: register the static method ``fn(vectors, **params) -> MergePlan`` under ``name``."""
+def register(name: str, *, stream: Callable[[MergePlan], SliceForm] | None = None
+             ) -> Callable[[Callable[..., MergePlan]], Callable[..., MergePlan]]:
+    """Decorator: register the static method ``fn(vectors, **params) -> MergePlan`` under ``name``.
+
+    ``stream(plan) -> SliceForm``: the method's per-tensor form (see the module docstring); ``fn`` must
+    then accept empty task vectors, which is how the parameters are validated before any tensor is read.
+    """
 
     def deco(fn: Callable[..., MergePlan]) -> Callable[..., MergePlan]:
         if name in _REGISTRY:
             raise RuntimeError(f"merge method {name!r} registered twice")
         params, model = _signature_model(name, fn)
-        _REGISTRY[name] = MethodInfo(name, fn, _summary(fn), params, "static", "nothing", model)
+        _REGISTRY[name] = MethodInfo(name, fn, _summary(fn), params, "static", "nothing", model, stream)
         return fn
 
     return deco
@@ -238,15 +252,48 @@ def check_params(method: str, params: Mapping[str, Any]) -> MethodInfo:
     return info
 
 
+def merge_label(method: str, params: Mapping[str, Any]) -> str:
+    """How errors name a merge: ``merge 'ties' with parameters {...}``."""
+    return f"merge {method!r} with parameters {dict(params)!r}"
+
+
+def slice_form(method: str, tasks: list[str], params: Mapping[str, Any]) -> SliceForm:
+    """``method``'s per-tensor form for ``tasks`` and ``params``, validated before any tensor is read.
+
+    Raises :class:`InputError` for a method registered without one.
+    """
+    info = check_params(method, params)
+    if info.stream is None:
+        raise InputError(f"method {method!r} has no per-tensor form (registered without stream=...), so it cannot "
+                         "be streamed; merge it in memory (mergelab merge --in-memory, or mergelab.merge)")
+    if not tasks:
+        raise InputError("no experts given: merging needs at least one expert model")
+    plan = info.fn({t: TaskVector({}) for t in tasks}, **params)
+    return info.stream(plan)
+
+
 def merge(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], **params: Any) -> dict[str, Tensor]:
     """Merge ``experts`` (task name -> state dict) into one state dict with ``method``.
 
+    A method with a per-tensor form runs it tensor by tensor (:mod:`mergelab.methods.streaming.engine`): peak
+    memory is the inputs plus the output. Others (and tensors on an accelerator) apply their plan
+    (inputs plus T task vectors).
+
     >>> merged = merge("ties", pre, {"a": sd_a, "b": sd_b}, density=0.2)  # doctest: +SKIP
     """
+    info = check_params(method, params)
+    label = merge_label(method, params)
+    on_cpu = all(t.device.type == "cpu" for sd in (pretrained, *experts.values()) for t in sd.values())
+    if info.stream is not None and on_cpu:
+        form = slice_form(method, list(experts), params)
+        check_compatible(pretrained, experts, check_finite=False)
+        from mergelab.methods.streaming.engine import merge_state_dicts
+
+        return merge_state_dicts(form, pretrained, experts, label=label)
     merged = plan(method, pretrained, experts, **params).apply(pretrained)
     for key, t in merged.items():
         if t.is_floating_point():
-            kernels.require_finite_result(key, t, f"merge {method!r} with parameters {params!r}")
+            kernels.require_finite_result(key, t, label)
     return merged
 
 

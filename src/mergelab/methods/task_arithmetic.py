@@ -8,10 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from mergelab.core.kernels import SliceForm
 from mergelab.methods.registry import MergePlan, per_task_values, register
 
 
-@register("task_arithmetic")
+def weighted_sum_form(plan: MergePlan) -> SliceForm:
+    """theta_0 + sum_t lambda_t tau_t per tensor: no steps (Task Arithmetic, averaging)."""
+    return SliceForm(plan.coefficients)
+
+
+@register("task_arithmetic", stream=weighted_sum_form)
 def task_arithmetic(vectors, scaling: float | Mapping[str, float] = 0.3) -> MergePlan:
     """Task Arithmetic: add the task vectors scaled by ``scaling`` to the pretrained model.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from mergelab.core.kernels import ElectDisjoint, SliceForm, Trim
 from mergelab.methods.registry import MergePlan, per_task_values, register
 from mergelab.methods.transforms import disjoint_split, elect_sign, trim
 
@@ -20,7 +21,16 @@ def ties_parts(vectors, density: float = 0.2, scope: str = "global"):
     return disjoint_split(trimmed, elect_sign(trimmed))
 
 
-@register("ties")
+def ties_steps(density: float, scope: str) -> tuple:
+    """TIES steps 1-3 per tensor: trim (unless density is 1), elect, disjoint split."""
+    return ((Trim(density, scope),) if density < 1.0 else ()) + (ElectDisjoint(),)
+
+
+def ties_form(plan: MergePlan) -> SliceForm:
+    return SliceForm(plan.coefficients, ties_steps(plan.params["density"], plan.params["scope"]))
+
+
+@register("ties", stream=ties_form)
 def ties(vectors, scaling: float | Mapping[str, float] = 1.0, density: float = 0.2, scope: str = "global") -> MergePlan:
     """TIES-Merging: trim to ``density``, elect signs, disjoint mean, scale by ``scaling``.
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from mergelab.core.checkpoint import SAFETENSORS, SAFETENSORS_INDEX, locate_weights, shard_names
 from mergelab.core.errors import InputError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -32,8 +33,6 @@ DTYPES: dict[str, torch.dtype] = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -56,11 +55,16 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
         return self.numel * self.itemsize
+
+
+def _unreadable(path: Path, detail: str) -> InputError:
+    """The message of a corrupt or truncated file, as the in-memory loader words it (mergelab.core.io)."""
+    return InputError(f"{path}: cannot read weights ({detail})")
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -70,10 +74,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         with open(path, "rb") as fh:
             raw = fh.read(8)
             if len(raw) < 8:
-                raise InputError(f"{path}: {size} bytes, too short for a safetensors file (truncated?)")
+                raise _unreadable(path, f"{size} bytes, too short for a safetensors file (truncated?)")
             n = int.from_bytes(raw, "little")
             if n > size - 8 or n > _MAX_HEADER:
-                raise InputError(f"{path}: header length {n} does not fit the file's {size} bytes: "
+                raise _unreadable(path, f"header length {n} does not fit the file's {size} bytes: "
                                  "truncated, or not a safetensors file")
             text = fh.read(n)
     except OSError as exc:
@@ -83,7 +87,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if not isinstance(header, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: the safetensors header is not a JSON object ({exc}); corrupt file?") from None
+        raise _unreadable(path, f"the safetensors header is not a JSON object ({exc}); corrupt file?") from None
     base = 8 + n
     out: list[tuple[int, TensorInfo]] = []
     for key, entry in header.items():
@@ -94,22 +98,25 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise InputError(f"{path}, key {key!r}: bad header entry {entry!r} (unknown dtype or "
+            raise _unreadable(path, f"key {key!r}: bad header entry {entry!r} (unknown dtype or "
                              "missing shape/data_offsets)") from None
         info = TensorInfo(key, path, dtype, shape, base + begin)
         if end - begin != info.nbytes or begin < 0 or any(d < 0 for d in shape):
-            raise InputError(f"{path}, key {key!r}: data_offsets {[begin, end]} do not hold shape {list(shape)} "
+            raise _unreadable(path, f"key {key!r}: data_offsets {[begin, end]} do not hold shape {list(shape)} "
                              f"of {entry['dtype']} ({info.nbytes} bytes)")
         if base + end > size:
-            raise InputError(f"{path}, key {key!r}: needs bytes up to {base + end} but the file has {size}; "
+            raise _unreadable(path, f"key {key!r}: needs bytes up to {base + end} but the file has {size}; "
                              "the file is truncated")
         out.append((begin, info))
     return {info.key: info for _, info in sorted(out, key=lambda x: x[0])}
 
 
-class SafetensorsModel:
+class SafetensorsModel(Mapping[str, TensorInfo]):
     """A model's tensors in one safetensors file, a sharded directory (with its index) or a directory with
-    one ``model.safetensors``; read by slices with :meth:`read`. ``owner`` names the model in errors."""
+    one ``model.safetensors`` (:func:`mergelab.core.checkpoint.locate_weights`); a mapping key -> header entry,
+    read by slices with :meth:`read`. ``owner`` names the model in errors."""
+
+    needs_buffer = True
 
     def __init__(self, path: str | os.PathLike[str], owner: str):
         self.owner = owner
@@ -118,44 +125,50 @@ class SafetensorsModel:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
-    def _locate(self, path: Path) -> dict[str, TensorInfo]:
-        if path.is_file():
-            if path.suffix != ".safetensors":
-                raise InputError(f"{self.owner} {path}: streaming reads .safetensors files; merge in memory "
-                                 "(without --stream) to read this format")
-            return read_header(path)
-        if (path / SINGLE).is_file():
-            return read_header(path / SINGLE)
-        index = path / INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError):
-                raise InputError(f"{index}: not a valid shard index (expected a 'weight_map' object)") from None
-            headers: dict[str, dict[str, TensorInfo]] = {}
-            out: dict[str, TensorInfo] = {}
-            for shard in dict.fromkeys(weight_map.values()):
-                if not (path / shard).is_file():
-                    raise InputError(f"{index}: shard {shard!r} listed in the index is missing")
-                headers[shard] = read_header(path / shard)
-            for key, shard in weight_map.items():
-                if key not in headers[shard]:
-                    raise InputError(f"{path / shard}: has no tensor {key!r}, which {index.name} places there")
-            for shard, tensors in headers.items():  # file order: sequential reads
-                out.update({k: info for k, info in tensors.items() if weight_map.get(k) == shard})
-            return out
-        singles = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-        if len(singles) == 1:
-            return read_header(singles[0])
-        raise InputError(f"{self.owner} {path}: no safetensors weights found (expected {SINGLE} or {INDEX}); "
-                         "merge in memory (without --stream) for other formats")
+    def __getitem__(self, key: str) -> TensorInfo:
+        return self.tensors[key]
 
-    def read(self, key: str, start: int, count: int, buffer: Tensor) -> Tensor:
-        """Elements ``start .. start+count`` of ``key`` (flattened), read into ``buffer`` (uint8, large enough)."""
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def file_of(self, key: str) -> Path:
+        return self.tensors[key].file
+
+    def _locate(self, path: Path) -> dict[str, TensorInfo]:
+        if path.is_file() and path.suffix != ".safetensors":
+            raise InputError(f"{self.owner} {path}: streaming reads .safetensors files; merge in memory "
+                             "(without --stream) to read this format")
+        try:
+            weights = locate_weights(path)
+        except InputError as exc:
+            if "no weights found" not in str(exc):
+                raise
+            raise InputError(f"{self.owner} {path}: no safetensors weights found (expected {SAFETENSORS} or "
+                             f"{SAFETENSORS_INDEX}); merge in memory (without --stream) for other formats") from None
+        if not weights.streamable:
+            raise InputError(f"{self.owner} {path}: {weights.files[0].name} is a pickle checkpoint; streaming reads "
+                             "safetensors only, so this merge runs in memory (without --stream)")
+        if weights.index is None:
+            return read_header(weights.files[0])
+        headers = {f.name: read_header(f) for f in weights.files}
+        for key, shard in weights.weight_map.items():
+            if key not in headers[shard]:
+                raise InputError(f"{path / shard}: has no tensor {key!r}, which {weights.index.name} places there")
+        out: dict[str, TensorInfo] = {}
+        for shard, tensors in headers.items():  # file order: sequential reads
+            out.update({k: info for k, info in tensors.items() if weights.weight_map.get(k) == shard})
+        return out
+
+    def read(self, key: str, start: int, count: int, buffer: Tensor | None) -> Tensor:
+        """Elements ``start .. start+count`` of ``key`` (flattened), read into ``buffer`` (uint8, large enough;
+        None: a new one)."""
         info = self.tensors[key]
         nbytes = count * info.itemsize
+        if buffer is None:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
         offset = info.start + start * info.itemsize
         fd = self._fds.get(info.file)
         if fd is None:
@@ -176,10 +189,6 @@ class SafetensorsModel:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def shard_names(n: int) -> list[str]:
-    return [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
 class ShardedWriter:
@@ -264,7 +273,7 @@ class ShardedWriter:
         if len(self.names) > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {key: self.names[i] for i, key in self._order}}
-            (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
