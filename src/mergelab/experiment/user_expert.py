@@ -15,10 +15,10 @@ and the expert's accuracy on the two held-out parts is reported and stored.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
+from mergelab.core.checkpoint import copy_sidecars
 from mergelab.core.errors import InputError
 from mergelab.pools.benchmarks import MINILM, resolve_backbone
 from mergelab.pools.finetune import FinetuneRecipe, get_or_train_expert, train_expert
@@ -111,9 +111,7 @@ def finetune_user_task(
     def fill(tmp: Path) -> None:
         save_file(body, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         save_file(head, str(tmp / "head.safetensors"))
-        for f in io.SIDECAR_FILES:
-            if (model_dir / f).is_file():
-                shutil.copy2(model_dir / f, tmp / f)
+        copy_sidecars(model_dir, tmp)
         (tmp / "expert.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
     io.atomic_write_dir(Path(out), fill)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mergelab.core.io import SIDECAR_FILES, atomic_write_dir, atomic_write_text, check_output_path
+from mergelab.core.checkpoint import copy_sidecars
+from mergelab.core.io import atomic_write_dir, atomic_write_text, check_output_path
 from mergelab.methods.adaptive.coefficients import MergedParams
 
 
@@ -118,9 +118,7 @@ class AdaptResult:
 
             def fill(tmp: Path, state=state, head=head, task=task) -> None:
                 save_file(_contiguous_unshared(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-                for name in SIDECAR_FILES:
-                    if (family.model_dir / name).is_file():
-                        shutil.copy2(family.model_dir / name, tmp / name)
+                copy_sidecars(family.model_dir, tmp)
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                           str(tmp / "head.safetensors"))
                 atomic_write_text(tmp / "mergelab.json", json.dumps({
