@@ -124,6 +124,13 @@ def disjoint_parts_(vectors: Sequence[Tensor], sign: Tensor, scratch: Tensor | N
     return list(vectors)
 
 
+def agreeing(v: Tensor, sign: Tensor) -> Tensor:
+    """The entries of ``v`` whose sign is the elected ``sign`` (others 0): v * max(0, sign(v) * sign).
+
+    TIES steps 1-2 without step 3's division (AdaMerging++'s per-task vectors)."""
+    return v * (torch.sign(v) * sign).clamp_(min=0.0)
+
+
 def disjoint_parts(vectors: Sequence[Tensor], sign: Tensor) -> list[Tensor]:
     """TIES step 3 as per-task parts: tau_t * a_t / max(1, sum_s a_s), a_t = agrees with ``sign`` and nonzero.
 

@@ -66,6 +66,12 @@ def elect_sign(vectors: Vectors) -> dict[str, Tensor]:
     return {k: kernels.elect_sign([vectors[t][k] for t in tasks]) for k in keys}
 
 
+def sign_agreeing(vectors: Vectors, signs: Mapping[str, Tensor]) -> dict[str, TaskVector]:
+    """Each task vector with the entries that disagree with the elected sign set to 0 (no division by the
+    number of agreeing tasks, unlike :func:`disjoint_split`)."""
+    return {t: TaskVector({k: kernels.agreeing(v[k], signs[k]) for k in v}) for t, v in vectors.items()}
+
+
 def disjoint_split(vectors: Vectors, signs: Mapping[str, Tensor]) -> dict[str, TaskVector]:
     """Split the disjoint mean into per-task parts.
 

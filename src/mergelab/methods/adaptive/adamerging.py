@@ -34,7 +34,7 @@ from mergelab.core.statedict import StateDict, TaskVector
 from mergelab.methods.adaptive.coefficients import MergedParams
 from mergelab.methods.adaptive.inputs import Cycler, TokenCache, check_texts, frozen_module, keys_on_path
 from mergelab.methods.adaptive.result import AdaptResult, copy_heads
-from mergelab.methods.transforms import elect_sign, trim
+from mergelab.methods.transforms import elect_sign, sign_agreeing, trim
 
 # Default steps: one step is a forward and backward of 5 tasks x 16 texts; on text5 (MiniLM-L6) 50 steps
 # took 196 s on one thread of a 2-core machine shared with other jobs (docs/adaptive.md), inside the
@@ -57,10 +57,7 @@ def ties_vectors(vectors: Mapping[str, Mapping[str, Tensor]], density: float = 0
     Yadav et al., TIES-Merging, NeurIPS 2023, Sec. 3 steps 1-2; Yang et al., AdaMerging (AdaMerging++).
     """
     trimmed = trim({t: TaskVector(dict(v)) for t, v in vectors.items()}, density, scope)
-    signs = elect_sign(trimmed)
-    zero = torch.zeros(())
-    return {t: TaskVector({k: torch.where(torch.sign(v[k]) == signs[k], v[k], zero.to(v[k].dtype)) for k in v})
-            for t, v in trimmed.items()}
+    return sign_agreeing(trimmed, elect_sign(trimmed))
 
 
 def check_steps(steps: int, lr: float, batch_size: int) -> None:
