@@ -231,3 +231,129 @@ def test_rank_disagreeing_with_config_is_refused(bert, adapters, tmp_path):
     ad = _edited(adapters["a"], tmp_path / "bad_r", r=5)
     with pytest.raises(InputError, match=r"bad_r.*rank 4 but field r says 5"):
         lora.load_lora(ad, base)
+
+
+# ---------------------------------------------------------------- step 2: static merges of LoRA experts
+
+
+def _peft_taus(bert, adapters):
+    """Each adapter's dense task vector as PEFT computes it: merge_and_unload() - W0 (an independent reference)."""
+    _, base_dir, base = bert
+    return {t: {k: v - base[k] for k, v in peft_merged(base_dir, ad).items()} for t, ad in adapters.items()}
+
+
+@pytest.mark.parametrize("method,params,coeffs", [
+    ("task_arithmetic", {"scaling": {"a": 0.7, "b": -0.4}}, {"a": 0.7, "b": -0.4}),
+    ("average", {"weights": [1.0, 3.0]}, {"a": 0.25, "b": 0.75}),
+])
+def test_factored_merge_equals_the_dense_formula(bert, adapters, method, params, coeffs):
+    """W0 + sum_t lambda_t s_t B_t A_t, the dense updates taken from PEFT's merge_and_unload of each adapter."""
+    import mergelab
+    from mergelab.methods import lora as mlora
+
+    _, _, base = bert
+    vecs = {t: lora.load_lora(p, base) for t, p in adapters.items()}
+    assert mlora.is_factored(method, vecs)
+    got = mergelab.merge(method, base, vecs, **params)
+    taus = _peft_taus(bert, adapters)
+    for key, w0 in base.items():
+        want = w0 + sum(coeffs[t] * taus[t][key] for t in taus)
+        torch.testing.assert_close(got[key], want, rtol=0, atol=2e-6, msg=key)
+    # the factored product is the sum of the updates, with rank = sum of ranks where both adapt a weight
+    factors = mlora.merged_factors(method, vecs, **params)
+    key = "encoder.layer.1.attention.self.query.weight"
+    assert factors[key].rank == 4 + 2 and factors[key].scaling == 1.0
+    assert factors["encoder.layer.0.attention.self.value.weight"].rank == 4  # adapter a only
+
+
+def test_adapter_folder_output_loads_in_peft_and_equals_the_full_merge(bert, adapters, tmp_path):
+    from peft import PeftModel
+    from transformers import BertModel
+
+    import mergelab
+    from mergelab.methods import lora as mlora
+
+    _, base_dir, base = bert
+    vecs = {t: lora.load_lora(p, base) for t, p in adapters.items()}
+    params = {"scaling": {"a": 0.6, "b": 0.9}}
+    full = mergelab.merge("task_arithmetic", base, vecs, **params)
+    out = mlora.save_adapter(mlora.merged_factors("task_arithmetic", vecs, **params), tmp_path / "merged_ad",
+                             like=vecs["a"].config, inputs=list(adapters.values()))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    # scaling 1 everywhere: alpha = rank for the default and every per-module pattern
+    assert cfg["lora_alpha"] == cfg["r"] and cfg["rank_pattern"] == cfg["alpha_pattern"] != {}
+    assert not cfg["use_rslora"]
+    pm = PeftModel.from_pretrained(BertModel.from_pretrained(str(base_dir)), str(out)).eval()
+    full_model = BertModel.from_pretrained(str(base_dir)).eval()
+    full_model.load_state_dict(full)
+    ids = torch.tensor([[2, 7, 9, 11, 13, 3], [2, 20, 5, 30, 3, 0]])
+    mask = torch.tensor([[1] * 6, [1] * 5 + [0]])
+    with torch.no_grad():
+        y_adapter = pm(input_ids=ids, attention_mask=mask).last_hidden_state  # unmerged: W0 x + B A x
+        y_full = full_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(y_adapter, y_full, rtol=1e-5, atol=1e-5)
+    unloaded = pm.merge_and_unload().state_dict()
+    for key in base:
+        torch.testing.assert_close(unloaded[key], full[key], rtol=0, atol=1e-6, msg=key)
+    # the same folder read back by mergelab is the same factored update
+    again = lora.load_lora(out, base)
+    for key in again:
+        torch.testing.assert_close(base[key] + again[key], full[key], rtol=0, atol=1e-6)
+
+
+def _dense_reference(method, base, vecs, **params):
+    """The in-memory static method on the materialised dense task vectors (s B A, zeros elsewhere)."""
+    from mergelab.core.statedict import TaskVector, is_mergeable
+    from mergelab.methods import registry
+
+    dense = {}
+    for t, v in vecs.items():
+        if isinstance(v, lora.LoraTaskVector):
+            dense[t] = TaskVector({k: v[k] if k in v else torch.zeros(w.shape) for k, w in base.items()
+                                   if is_mergeable(w)})
+        else:
+            dense[t] = TaskVector.between(base, v)
+    return registry.get(method).fn(dense, **params).apply(base)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.001}),  # k below the number of adapted values: a non-zero threshold
+    ("ties", {"density": 0.2, "scope": "tensor"}),
+    ("dare", {"drop_rate": 0.5, "seed": 3}),
+    ("dare", {"drop_rate": 0.3, "combine": "ties", "density": 0.5}),
+])
+def test_ties_and_dare_on_lora_experts_equal_them_on_dense_updates(bert, adapters, method, params):
+    import mergelab
+
+    _, _, base = bert
+    vecs = {t: lora.load_lora(p, base) for t, p in adapters.items()}
+    got = mergelab.merge(method, base, vecs, **params)
+    want = _dense_reference(method, base, vecs, **params)
+    assert set(got) == set(want)
+    changed = 0
+    for key in base:
+        assert torch.equal(got[key], want[key]), key
+        changed += int(not torch.equal(got[key], base[key]))
+    assert changed >= 4  # the adapted weights moved
+
+
+def test_lora_and_full_experts_mix(bert, adapters, tmp_path):
+    import mergelab
+
+    from .tiny_models import save_tiny_bert
+
+    root, base_dir, base = bert
+    full = load_state_dict(save_tiny_bert(tmp_path / "full", seed=11, perturb=0.02, base=base_dir))
+    vecs = {"a": lora.load_lora(adapters["a"], base), "full": full}
+    got = mergelab.merge("task_arithmetic", base, vecs, scaling=0.5)
+    tau_a = _peft_taus(bert, {"a": adapters["a"]})["a"]
+    for key, w0 in base.items():
+        want = w0 + 0.5 * tau_a[key] + 0.5 * (full[key] - w0)
+        torch.testing.assert_close(got[key], want, rtol=0, atol=2e-6, msg=key)
+    got_ties = mergelab.merge("ties", base, vecs, density=0.4)
+    want_ties = _dense_reference("ties", base, vecs, density=0.4)
+    assert all(torch.equal(got_ties[k], want_ties[k]) for k in base)
+    # plan() materialises the adapter's whole task vector: the same merge
+    planned = mergelab.plan("ties", base, vecs, density=0.4).apply(base)
+    assert all(torch.equal(planned[k], want_ties[k]) for k in base)

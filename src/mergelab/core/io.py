@@ -234,7 +234,8 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 # what a saved model folder holds: anything else in an existing output means it is not one of ours
-_MODEL_DIR_FILES = {*WEIGHT_FILES, *INDEX_FILES, *SIDECAR_FILES, "head.safetensors", "mergelab.json"}
+_MODEL_DIR_FILES = {*WEIGHT_FILES, *INDEX_FILES, *SIDECAR_FILES, "head.safetensors", "mergelab.json",
+                    "adapter_config.json", "adapter_model.safetensors"}  # and a PEFT adapter folder (LoRA merges)
 _SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
 
 

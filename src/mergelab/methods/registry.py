@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mergelab.core import kernels
 from mergelab.core.errors import InputError, ParameterError
+from mergelab.core.lora import LoraTaskVector
 from mergelab.core.statedict import StateDict, TaskVector, combine, task_vectors
 
 Kind = Literal["static", "dynamic", "adaptive"]
@@ -225,9 +226,21 @@ def get_static(name: str) -> MethodInfo:
 
 
 def plan(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], **params: Any) -> MergePlan:
-    """Check compatibility, compute task vectors and run ``method``'s pre-processing: a MergePlan."""
+    """Check compatibility, compute task vectors and run ``method``'s pre-processing: a MergePlan.
+
+    An expert may be a LoRA adapter's :class:`~mergelab.core.lora.LoraTaskVector`: its task vector is then
+    materialised whole (s B A on adapted weights, zeros elsewhere; memory: one model per adapter). :func:`merge`
+    visits LoRA experts one weight at a time instead.
+    """
     info = check_params(method, params)
-    vectors = task_vectors(pretrained, experts)
+    if any(isinstance(e, LoraTaskVector) for e in experts.values()):
+        from mergelab.methods import lora
+
+        lora._check(pretrained, experts)
+        vectors = {t: lora.dense_task_vector(pretrained, e) if isinstance(e, LoraTaskVector)
+                   else TaskVector.between(pretrained, e) for t, e in experts.items()}
+    else:
+        vectors = task_vectors(pretrained, experts)
     return info.fn(vectors, **params)
 
 
@@ -242,7 +255,14 @@ def merge(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], 
     """Merge ``experts`` (task name -> state dict) into one state dict with ``method``.
 
     >>> merged = merge("ties", pre, {"a": sd_a, "b": sd_b}, density=0.2)  # doctest: +SKIP
+
+    An expert may be a LoRA adapter (:func:`mergelab.core.lora.load_lora`): see :mod:`mergelab.methods.lora`
+    (Task Arithmetic and averaging of adapters stay factored; TIES and DARE run on each weight's s B A).
     """
+    if any(isinstance(e, LoraTaskVector) for e in experts.values()):
+        from mergelab.methods import lora
+
+        return lora.merge(method, pretrained, experts, **params)
     merged = plan(method, pretrained, experts, **params).apply(pretrained)
     for key, t in merged.items():
         if t.is_floating_point():
