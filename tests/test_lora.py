@@ -357,3 +357,79 @@ def test_lora_and_full_experts_mix(bert, adapters, tmp_path):
     # plan() materialises the adapter's whole task vector: the same merge
     planned = mergelab.plan("ties", base, vecs, density=0.4).apply(base)
     assert all(torch.equal(planned[k], want_ties[k]) for k in base)
+
+
+# ---------------------------------------------------------------- the CLI and pools
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    return CliRunner().invoke(app, ["merge", *map(str, args)])
+
+
+def test_cli_merges_adapter_folders_to_a_model_and_to_an_adapter(bert, adapters, tmp_path):
+    import mergelab
+
+    _, base_dir, base = bert
+    common = ["--pretrained", base_dir, "--expert", f"a={adapters['a']}", "--expert", f"b={adapters['b']}", "-q"]
+    res = _cli("--method", "ties", *common, "--param", "density=0.3", "--out", tmp_path / "ties")
+    assert res.exit_code == 0, res.output
+    vecs = {t: lora.load_lora(p, base) for t, p in adapters.items()}
+    want = mergelab.merge("ties", base, vecs, density=0.3)
+    got = load_state_dict(tmp_path / "ties")
+    assert all(torch.equal(got[k], want[k]) for k in base)
+    assert (tmp_path / "ties" / "config.json").is_file()
+
+    res = _cli("--method", "task_arithmetic", *common, "--param", "scaling=0.5", "--output-format", "adapter",
+               "--out", tmp_path / "ta_ad")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "ta_ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    full = mergelab.merge("task_arithmetic", base, vecs, scaling=0.5)
+    unloaded = peft_merged(base_dir, tmp_path / "ta_ad")
+    for key in base:
+        torch.testing.assert_close(unloaded[key], full[key], rtol=0, atol=1e-6, msg=key)
+    # writing over the previous adapter output is allowed (it is one of ours)
+    res = _cli("--method", "average", *common, "--output-format", "adapter", "--out", tmp_path / "ta_ad")
+    assert res.exit_code == 0, res.output
+
+
+def test_cli_refuses_what_is_not_exact_with_exit_2(bert, adapters, tmp_path):
+    _, base_dir, _ = bert
+    common = ["--pretrained", base_dir, "--expert", f"a={adapters['a']}", "--expert", f"b={adapters['b']}"]
+    res = _cli("--method", "ties", *common, "--output-format", "adapter", "--out", tmp_path / "o1")
+    assert res.exit_code == 2 and "--output-format adapter" in res.output and "not low-rank" in res.output
+    res = _cli("--method", "task_arithmetic", *common, "--stream", "--out", tmp_path / "o2")
+    assert res.exit_code == 2 and "--stream" in res.output
+    bad = _edited(adapters["a"], tmp_path / "dora", use_dora=True)
+    res = _cli("--method", "task_arithmetic", "--pretrained", base_dir, "--expert", f"d={bad}", "--out", tmp_path / "o3")
+    assert res.exit_code == 2 and "expert 'd'" in res.output and "'use_dora'" in res.output
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_pool_expert_may_be_an_adapter_folder(bert, adapters):
+    from mergelab.pools.pool import PoolConfig, load_state_dicts
+
+    _, base_dir, base = bert
+    pre, experts = load_state_dicts(PoolConfig(pretrained=str(base_dir), experts={"a": str(adapters["a"])}))
+    ref = peft_merged(base_dir, adapters["a"])
+    for key in base:
+        torch.testing.assert_close(experts["a"][key], ref[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_text_pool_loads_an_adapter_expert_and_other_families_refuse_it(tmp_path):
+    from mergelab.pools.pool import PoolConfig, load_pool
+
+    from .tiny_models import save_tiny_bert
+
+    base_dir = save_tiny_bert(tmp_path / "base", seed=0)
+    ad = make_adapter(base_dir, tmp_path / "ad", 12)
+    pool = load_pool(PoolConfig(family="text", pretrained=str(base_dir), experts={"a": str(ad)}), data=False)
+    ref = peft_merged(base_dir, ad)
+    for key, v in pool.experts["a"].items():
+        torch.testing.assert_close(v, ref[key], rtol=0, atol=1e-6, msg=key)
+    with pytest.raises(InputError, match=r"pool\.experts\.a: .*LoRA adapter folder; family 'sequence-classification'"):
+        load_pool(PoolConfig(family="sequence-classification", pretrained=str(base_dir), experts={"a": str(ad)}),
+                  data=False)
