@@ -433,3 +433,49 @@ def test_text_pool_loads_an_adapter_expert_and_other_families_refuse_it(tmp_path
     with pytest.raises(InputError, match=r"pool\.experts\.a: .*LoRA adapter folder; family 'sequence-classification'"):
         load_pool(PoolConfig(family="sequence-classification", pretrained=str(base_dir), experts={"a": str(ad)}),
                   data=False)
+
+
+def test_gpt2_adapter_output_keeps_fan_in_fan_out_and_loads_in_peft(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    import mergelab
+    from mergelab.methods import lora as mlora
+
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=50)).save_pretrained(
+        str(tmp_path / "gpt2"))
+    base = load_state_dict(tmp_path / "gpt2")
+    ads = {"x": make_adapter(tmp_path / "gpt2", tmp_path / "x", 13, model_cls=GPT2Model, target_modules=["c_attn"],
+                             fan_in_fan_out=True),
+           "y": make_adapter(tmp_path / "gpt2", tmp_path / "y", 14, model_cls=GPT2Model,
+                             target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, r=2, lora_alpha=3)}
+    vecs = {t: lora.load_lora(p, base) for t, p in ads.items()}
+    out = mlora.save_adapter(mlora.merged_factors("average", vecs), tmp_path / "avg", like=vecs["x"].config)
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    taus = {t: {k: v - base[k] for k, v in peft_merged(tmp_path / "gpt2", p, GPT2Model).items()} for t, p in ads.items()}
+    got = peft_merged(tmp_path / "gpt2", out, GPT2Model)
+    full = mergelab.merge("average", base, vecs)
+    for key, w0 in base.items():
+        want = w0 + 0.5 * taus["x"][key] + 0.5 * taus["y"][key]
+        torch.testing.assert_close(got[key], want, rtol=0, atol=2e-6, msg=key)
+        torch.testing.assert_close(full[key], want, rtol=0, atol=2e-6, msg=key)
+
+
+def test_adapters_of_body_and_task_model_merge_into_one_adapter_named_like_the_first(bert, adapters, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    import mergelab
+    from mergelab.methods import lora as mlora
+
+    _, base_dir, base = bert
+    BertForSequenceClassification.from_pretrained(str(base_dir), num_labels=2).save_pretrained(str(tmp_path / "cls"))
+    task_ad = make_adapter(tmp_path / "cls", tmp_path / "task_ad", 15, model_cls=BertForSequenceClassification,
+                           target_modules=["key", "value"])  # 'key' only here: named 'bert.encoder...' in this adapter
+    vecs = {"a": lora.load_lora(adapters["a"], base), "c": lora.load_lora(task_ad, base)}
+    factors = mlora.merged_factors("task_arithmetic", vecs, scaling=0.4)
+    assert all(not m.name.startswith("bert.") for m in factors.values())
+    out = mlora.save_adapter(factors, tmp_path / "out", like=vecs["a"].config)
+    got = peft_merged(base_dir, out)
+    full = mergelab.merge("task_arithmetic", base, vecs, scaling=0.4)
+    for key in base:
+        torch.testing.assert_close(got[key], full[key], rtol=0, atol=1e-6, msg=key)

@@ -61,7 +61,9 @@ def load_experts(pretrained: StateDict, experts: Mapping[str, str | os.PathLike[
     return out
 
 
-def _check(pretrained: StateDict, experts: Mapping[str, Expert]) -> None:
+def check_experts(pretrained: StateDict, experts: Mapping[str, Expert]) -> None:
+    """Full experts: :func:`~mergelab.core.statedict.check_compatible`; LoRA experts: every module fits a floating
+    weight of ``pretrained`` (an adapter read against another base is refused, naming the expert and module)."""
     if not experts:
         raise InputError("no experts given: merging needs at least one expert model")
     full = {t: e for t, e in experts.items() if not is_lora(e)}
@@ -101,6 +103,8 @@ def merged_factors(method: str, experts: Mapping[str, LoraTaskVector], **params:
     if bad:
         raise InputError(f"expert(s) {bad} are full models, not LoRA adapters: the merge cannot stay factored")
     coeffs = _plan_of(method, list(experts), params).coefficients
+    first_vec = next(iter(experts.values()))
+    rename = _name_rule(next(iter(first_vec.modules.values())))
     keys: list[str] = []
     for vec in experts.values():
         keys += [k for k in vec.modules if k not in keys]
@@ -113,8 +117,19 @@ def merged_factors(method: str, experts: Mapping[str, LoraTaskVector], **params:
                 raise InputError(f"weight {key!r}: the adapters disagree on fan_in_fan_out")
         B = torch.cat([m.B * (lam * m.scaling) for lam, m in mods], dim=1)
         A = torch.cat([m.A for _, m in mods], dim=0)
-        out[key] = LoraModule(key, first.name, B, A, 1.0, first.fan_in_fan_out)
+        out[key] = LoraModule(key, rename(key), B, A, 1.0, first.fan_in_fan_out)
     return out
+
+
+def _name_rule(m: LoraModule):
+    """key -> module name under the first adapter's naming (body or task model: a prefix added or dropped), so that
+    one merged adapter names every module the same way even when its inputs were trained on different wrappers."""
+    stem = m.key[: -len(".weight")]
+    if m.name.endswith(stem):
+        add = m.name[: len(m.name) - len(stem)]
+        return lambda key: add + key[: -len(".weight")]
+    drop = stem[: len(stem) - len(m.name)]
+    return lambda key: key[len(drop): -len(".weight")] if key.startswith(drop) else key[: -len(".weight")]
 
 
 def _apply_factors(pretrained: StateDict, factors: Mapping[str, LoraModule]) -> dict[str, Tensor]:
@@ -149,7 +164,7 @@ def merge(method: str, pretrained: StateDict, experts: Mapping[str, Expert], **p
     float rounding: factored for Task Arithmetic and averaging of adapters only, else one key at a time.
     """
     check_params(method, params)
-    _check(pretrained, experts)
+    check_experts(pretrained, experts)
     if is_factored(method, experts):
         return _apply_factors(pretrained, merged_factors(method, experts, **params))
     return _merge_dense(method, pretrained, experts, params)
@@ -298,5 +313,5 @@ def save_adapter(factors: Mapping[str, LoraModule], out: str | os.PathLike[str],
     return atomic_write_dir(out_p, fill)
 
 
-__all__ = ["FACTORED_METHODS", "adapter_config", "dense_task_vector", "is_factored", "is_lora", "load_experts",
+__all__ = ["FACTORED_METHODS", "adapter_config", "check_experts", "dense_task_vector", "is_factored", "is_lora", "load_experts",
            "merge", "merged_factors", "save_adapter"]

@@ -236,7 +236,7 @@ def plan(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], *
     if any(isinstance(e, LoraTaskVector) for e in experts.values()):
         from mergelab.methods import lora
 
-        lora._check(pretrained, experts)
+        lora.check_experts(pretrained, experts)
         vectors = {t: lora.dense_task_vector(pretrained, e) if isinstance(e, LoraTaskVector)
                    else TaskVector.between(pretrained, e) for t, e in experts.items()}
     else:
