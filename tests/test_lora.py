@@ -479,3 +479,25 @@ def test_adapters_of_body_and_task_model_merge_into_one_adapter_named_like_the_f
     full = mergelab.merge("task_arithmetic", base, vecs, scaling=0.4)
     for key in base:
         torch.testing.assert_close(got[key], full[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_merge_config_pool_with_an_adapter_expert(bert, adapters, tmp_path):
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    from .tiny_models import save_tiny_bert
+
+    _, base_dir, base = bert
+    full_dir = save_tiny_bert(tmp_path / "full", seed=21, perturb=0.02, base=base_dir)
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"pool:\n  pretrained: {base_dir}\n  experts: {{lo: {adapters['a']}, full: {full_dir}}}\n"
+                   f"methods:\n  - name: task_arithmetic\n    params: {{scaling: 0.5}}\n"
+                   f"outputs:\n  run_dir: {tmp_path / 'run'}\n  report: false\n")
+    res = CliRunner().invoke(app, ["merge", "--config", str(cfg), "-q"])
+    assert res.exit_code == 0, res.output
+    saved = load_state_dict(tmp_path / "run" / "models" / "task_arithmetic_scaling=0.5")
+    full = load_state_dict(full_dir)
+    tau = _peft_taus(bert, {"lo": adapters["a"]})["lo"]
+    for key, w0 in base.items():
+        torch.testing.assert_close(saved[key], w0 + 0.5 * tau[key] + 0.5 * (full[key] - w0), rtol=0, atol=2e-6, msg=key)
