@@ -501,3 +501,30 @@ def test_merge_config_pool_with_an_adapter_expert(bert, adapters, tmp_path):
     tau = _peft_taus(bert, {"lo": adapters["a"]})["lo"]
     for key, w0 in base.items():
         torch.testing.assert_close(saved[key], w0 + 0.5 * tau[key] + 0.5 * (full[key] - w0), rtol=0, atol=2e-6, msg=key)
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.01}), ("dare", {"drop_rate": 0.5})])
+def test_dense_path_holds_one_weight_of_updates_at_a_time(bert, adapters, monkeypatch, method, params):
+    """TIES and DARE on LoRA experts materialise s B A one weight at a time: at most T dense updates alive."""
+    import weakref
+
+    import mergelab
+
+    _, _, base = bert
+    vecs = {t: lora.load_lora(p, base) for t, p in adapters.items()}
+    alive, peak, calls = [0], [0], [0]
+    original = lora.LoraModule.delta
+
+    def counted(self):
+        d = original(self)
+        calls[0] += 1
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        weakref.finalize(d, lambda: alive.__setitem__(0, alive[0] - 1))
+        return d
+
+    monkeypatch.setattr(lora.LoraModule, "delta", counted)
+    mergelab.merge(method, base, vecs, **params)
+    n_modules = sum(len(v) for v in vecs.values())
+    assert peak[0] <= len(vecs)
+    assert calls[0] == n_modules * (3 if method == "ties" else 1)  # TIES: two threshold passes + the merge pass

@@ -188,11 +188,8 @@ def _merge_dense(method: str, pretrained: StateDict, experts: Mapping[str, Exper
     global_thr: list[Tensor] | None = None
     if pipe.trims and pipe.scope == "global":
         global_thr = _global_thresholds(pretrained, experts, mergeable, pipe.density, taus)
-    merged: dict[str, Tensor] = {}
-    for key, base in pretrained.items():
-        if not is_mergeable(base):
-            merged[key] = base.clone()
-            continue
+
+    def merge_key(key: str, base: Tensor) -> Tensor:  # a function, so that one key's updates die with its frame
         vs = taus(key)
         if pipe.ties:
             zeros = torch.zeros(base.shape, dtype=torch.float32)
@@ -205,8 +202,9 @@ def _merge_dense(method: str, pretrained: StateDict, experts: Mapping[str, Exper
         out = kernels.combine_tensor(base, [(lam, v) for lam, v in zip(pipe.coefficients, vs) if v is not None])
         out = out.to(base.dtype)
         kernels.require_finite_result(key, out, pipe.label)
-        merged[key] = out
-    return merged
+        return out
+
+    return {key: merge_key(key, base) if is_mergeable(base) else base.clone() for key, base in pretrained.items()}
 
 
 def _global_thresholds(pretrained: StateDict, experts: Mapping[str, Expert], mergeable: list[str], density: float,
@@ -225,11 +223,14 @@ def _global_thresholds(pretrained: StateDict, experts: Mapping[str, Expert], mer
         sels.append(kernels.KthLargestAbs(k) if k <= m else None)
     support = sorted({key for t in tasks for key in _support(pretrained, experts[t], mergeable)},
                      key=mergeable.index)
+    def feed(step: str, key: str) -> None:  # one key's updates at a time, freed on return
+        for sel, v in zip(sels, taus(key)):
+            if sel is not None and v is not None:
+                getattr(sel, step)(v)
+
     for step in ("add_coarse", "add_fine"):
         for key in support:
-            for sel, v in zip(sels, taus(key)):
-                if sel is not None and v is not None:
-                    getattr(sel, step)(v)
+            feed(step, key)
         if step == "add_coarse":
             for sel in sels:
                 if sel is not None:
