@@ -137,6 +137,13 @@ def test_rslora_scaling_is_alpha_over_sqrt_r(bert, tmp_path):
     torch.testing.assert_close(vec[key], _hand_update(ad, key[:-7], (6, 4, True)), rtol=1e-6, atol=1e-7)
     ref = peft_merged(base_dir, ad)
     torch.testing.assert_close(base[key] + vec[key], ref[key], rtol=0, atol=1e-6)
+    # rsLoRA with a per-module rank: alpha / sqrt(r of that module)
+    ad2 = make_adapter(base_dir, tmp_path / "rs2", 16, r=4, lora_alpha=6, use_rslora=True, rank_pattern={"value": 9})
+    vec2 = lora.load_lora(ad2, base)
+    vkey = "encoder.layer.1.attention.self.value.weight"
+    assert vec2.modules[vkey].rank == 9 and vec2.modules[vkey].scaling == pytest.approx(6 / 3.0)
+    ref2 = peft_merged(base_dir, ad2)
+    torch.testing.assert_close(base[vkey] + vec2[vkey], ref2[vkey], rtol=0, atol=1e-6)
 
 
 def test_gpt2_conv1d_fan_in_fan_out_equals_peft(tmp_path):
