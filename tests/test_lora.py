@@ -24,11 +24,11 @@ peft = pytest.importorskip("peft")
 
 
 def _randomise_b(model, seed):
-    """PEFT starts B at zero (no update); give every lora_B seeded non-zero values."""
+    """PEFT starts B at zero (no update; A for embeddings); give every lora_B and embedding factor seeded values."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n or "lora_embedding_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
@@ -212,11 +212,43 @@ def test_real_dora_and_bias_adapters_are_refused(bert, tmp_path):
         lora.load_lora(biased, base)
 
 
-def test_embedding_adapter_is_refused(bert, tmp_path):
+def test_embedding_adapter_equals_peft_and_round_trips_as_an_adapter(bert, adapters, tmp_path):
+    """PEFT's Embedding LoRA: update (s B A)^T, [num_embeddings, dim]; merged with a Linear adapter and written back."""
+    import mergelab
+    from mergelab.methods import lora as mlora
+
     _, base_dir, base = bert
-    ad = make_adapter(base_dir, tmp_path / "emb", 10, target_modules=["word_embeddings"])
-    with pytest.raises(InputError, match="embedding adapters"):
-        lora.load_lora(ad, base)
+    ad = make_adapter(base_dir, tmp_path / "emb", 10, target_modules=["word_embeddings", "query"])
+    vec = lora.load_lora(ad, base)
+    key = "embeddings.word_embeddings.weight"
+    assert vec.modules[key].embedding and tuple(vec[key].shape) == tuple(base[key].shape)
+    ref = peft_merged(base_dir, ad)
+    for k in base:
+        torch.testing.assert_close(base[k] + vec[k] if k in vec else base[k], ref[k], rtol=0, atol=1e-6, msg=k)
+    assert not torch.equal(ref[key], base[key])
+    vecs = {"emb": vec, "a": lora.load_lora(adapters["a"], base)}
+    out = mlora.save_adapter(mlora.merged_factors("task_arithmetic", vecs, scaling=0.5), tmp_path / "out",
+                             like=vec.config)
+    got = peft_merged(base_dir, out)
+    full = mergelab.merge("task_arithmetic", base, vecs, scaling=0.5)
+    tau_a = _peft_taus(bert, {"a": adapters["a"]})["a"]
+    for k, w0 in base.items():
+        want = w0 + 0.5 * (ref[k] - w0) + 0.5 * tau_a[k]
+        torch.testing.assert_close(full[k], want, rtol=0, atol=2e-6, msg=k)
+        torch.testing.assert_close(got[k], full[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_convolution_adapter_is_refused(bert, adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, base = bert
+    bad = shutil.copytree(adapters["a"], tmp_path / "conv")
+    t = load_file(str(bad / "adapter_model.safetensors"))
+    name = "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
+    t[name] = t[name].reshape(*t[name].shape, 1, 1)  # a Conv2d adapter's A: [r, in, 1, 1]
+    save_file(t, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(InputError, match=r"conv.*module 'encoder\.layer\.0\.attention\.self\.query'.*convolution"):
+        lora.load_lora(bad, base)
 
 
 def test_wrong_base_is_refused_before_any_update(bert, adapters, tmp_path):

@@ -32,8 +32,9 @@ Refused, with an :class:`~mergelab.core.errors.InputError` naming the adapter fo
 ``lora_bias`` (bias terms trained), ``modules_to_save`` (whole modules trained: a full expert, not an
 adapter), ``layer_replication``, ``target_parameters``, ``trainable_token_indices``, the variants whose
 forward is not W0 x + s B A x (``alora_invocation_tokens``, ``use_qalora``, ``use_bdlora``,
-``monteclora_config``, ``arrow_config``), embedding and convolution adapters (``lora_embedding_A``, A of more than 2 dimensions), and modules whose name or
-shape does not match the base.
+``monteclora_config``, ``arrow_config``), convolution adapters (A of more than 2 dimensions), and modules
+whose name or shape does not match the base. Linear, Conv1D (``fan_in_fan_out``) and Embedding
+(``lora_embedding_A``/``lora_embedding_B``: the update is (s B A)^T, [num_embeddings, dim]) targets are read.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from mergelab.core.errors import IncompatibleModelsError, InputError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors",)
 PEFT_PREFIX = "base_model.model."
-_TENSOR = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+_TENSOR = re.compile(r"(?P<module>.+)\.lora_(?:(?P<which>[AB])\.weight|embedding_(?P<emb>[AB]))")
 
 # config fields that change what the adapter computes beyond W0 + s B A; value -> refused when truthy
 _REFUSED_FIELDS = {
@@ -84,7 +85,9 @@ class LoraModule:
     """One adapted weight: ``delta = s * B @ A`` ([out, in]; transposed to [in, out] with ``fan_in_fan_out``).
 
     ``key``: the base state dict's key (``...weight``); ``name``: the module's name in the adapter
-    (PEFT's, without ``base_model.model.``); ``B`` [out, r] and ``A`` [r, in] in float32.
+    (PEFT's, without ``base_model.model.``); ``B`` [out, r] and ``A`` [r, in] in float32. ``embedding``: an
+    ``nn.Embedding`` adapter (PEFT's ``lora_embedding_A`` [r, num_embeddings] and ``lora_embedding_B``
+    [dim, r]), whose update (B A)^T is [num_embeddings, dim], the embedding's layout.
     """
 
     key: str
@@ -93,6 +96,7 @@ class LoraModule:
     A: Tensor
     scaling: float
     fan_in_fan_out: bool = False
+    embedding: bool = False
 
     @property
     def rank(self) -> int:
@@ -101,7 +105,12 @@ class LoraModule:
     def delta(self) -> Tensor:
         """The true update s B A of this module (Hu et al. 2021, Eq. 3), in the base weight's layout."""
         d = (self.B @ self.A) * self.scaling
-        return d.T.contiguous() if self.fan_in_fan_out else d
+        return d.T.contiguous() if self.transposed else d
+
+    @property
+    def transposed(self) -> bool:
+        """The base weight is [in, out]: a Conv1D (``fan_in_fan_out``) or an embedding [num_embeddings, dim]."""
+        return self.fan_in_fan_out or self.embedding
 
 
 class LoraTaskVector(Mapping[str, Tensor]):
@@ -225,17 +234,17 @@ def load_lora(path: str | os.PathLike[str], base: Mapping[str, Tensor]) -> LoraT
     tensors = _read_tensors(p)
     where = str(p)
     pairs: dict[str, dict[str, Tensor]] = {}
+    embeddings: set[str] = set()
     for tname, t in tensors.items():
-        if "lora_embedding_" in tname:
-            raise InputError(f"{where}: tensor {tname!r}: embedding adapters are not supported (only Linear and "
-                             "Conv1D targets)")
         m = _TENSOR.fullmatch(tname)
         if m is None:
-            raise InputError(f"{where}: tensor {tname!r} is not a LoRA factor (<module>.lora_A.weight or "
-                             "lora_B.weight); the adapter trains something else too (bias, DoRA magnitude, ...)")
+            raise InputError(f"{where}: tensor {tname!r} is not a LoRA factor (<module>.lora_A.weight, lora_B.weight, "
+                             "lora_embedding_A/B); the adapter trains something else too (bias, DoRA magnitude, ...)")
         module = m["module"]
         module = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
-        pairs.setdefault(module, {})[m["which"]] = t
+        if m["emb"]:
+            embeddings.add(module)
+        pairs.setdefault(module, {})[m["which"] or m["emb"]] = t
     if not pairs:
         raise InputError(f"{where}: the adapter holds no LoRA factors")
     for module, ab in pairs.items():
@@ -244,7 +253,7 @@ def load_lora(path: str | os.PathLike[str], base: Mapping[str, Tensor]) -> LoraT
             raise InputError(f"{where}: module {module!r} has no {missing}.weight")
         if ab["A"].ndim != 2 or ab["B"].ndim != 2:
             raise InputError(f"{where}: module {module!r}: lora_A/lora_B of {ab['A'].ndim}/{ab['B'].ndim} dimensions; "
-                             "convolution adapters are not supported (only Linear and Conv1D targets)")
+                             "convolution adapters are not supported (only Linear, Conv1D and Embedding targets)")
     names = sorted(pairs)
     rule = _key_rule(names, base)
     if rule is None:
@@ -266,10 +275,14 @@ def load_lora(path: str | os.PathLike[str], base: Mapping[str, Tensor]) -> LoraT
         if B.shape[1] != r:
             raise IncompatibleModelsError(f"{where}: module {name!r}: lora_A has rank {r} but lora_B "
                                           f"{tuple(B.shape)} has {B.shape[1]} columns")
+        emb = name in embeddings
+        if emb and any(f"{p}{name}.lora_{x}.weight" in tensors for p in ("", PEFT_PREFIX) for x in "AB"):
+            raise InputError(f"{where}: module {name!r} has both lora_A/B and lora_embedding_A/B factors")
         want = (B.shape[0], A.shape[1])
         got = tuple(W.shape)
-        if W.ndim != 2 or (got[::-1] if fan else got) != want:
-            layout = "[in, out] (fan_in_fan_out)" if fan else "[out, in]"
+        if W.ndim != 2 or (got[::-1] if fan or emb else got) != want:
+            layout = ("[num_embeddings, dim] (embedding)" if emb else
+                      "[in, out] (fan_in_fan_out)" if fan else "[out, in]")
             raise IncompatibleModelsError(
                 f"{where}: module {name!r}: B A is {want[0]}x{want[1]} but the base weight {key!r} is {got} "
                 f"(expected {layout}). Is the adapter for this base model?")
@@ -285,7 +298,7 @@ def load_lora(path: str | os.PathLike[str], base: Mapping[str, Tensor]) -> LoraT
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise IncompatibleModelsError(f"{where}: module {name!r}: non-finite value(s) in lora_A/lora_B")
-        modules[key] = LoraModule(key, name, B, A, float(scaling), fan)
+        modules[key] = LoraModule(key, name, B, A, float(scaling), fan and not emb, emb)
     return LoraTaskVector(modules, where, cfg)
 
 

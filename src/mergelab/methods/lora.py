@@ -74,7 +74,7 @@ def check_experts(pretrained: StateDict, experts: Mapping[str, Expert]) -> None:
             continue
         for key, m in vec.modules.items():
             ref = pretrained.get(key)
-            shape = (m.A.shape[1], m.B.shape[0]) if m.fan_in_fan_out else (m.B.shape[0], m.A.shape[1])
+            shape = (m.A.shape[1], m.B.shape[0]) if m.transposed else (m.B.shape[0], m.A.shape[1])
             if ref is None or tuple(ref.shape) != shape or not is_mergeable(ref):
                 raise IncompatibleModelsError(
                     f"expert {t!r} ({vec.source}): module {m.name!r} does not fit the pretrained model's "
@@ -113,11 +113,11 @@ def merged_factors(method: str, experts: Mapping[str, LoraTaskVector], **params:
         mods = [(lam, vec.modules[key]) for lam, vec in zip(coeffs, experts.values()) if key in vec.modules]
         first = mods[0][1]
         for _, m in mods[1:]:
-            if m.fan_in_fan_out != first.fan_in_fan_out:
-                raise InputError(f"weight {key!r}: the adapters disagree on fan_in_fan_out")
+            if (m.fan_in_fan_out, m.embedding) != (first.fan_in_fan_out, first.embedding):
+                raise InputError(f"weight {key!r}: the adapters disagree on its layout (fan_in_fan_out or embedding)")
         B = torch.cat([m.B * (lam * m.scaling) for lam, m in mods], dim=1)
         A = torch.cat([m.A for _, m in mods], dim=0)
-        out[key] = LoraModule(key, rename(key), B, A, 1.0, first.fan_in_fan_out)
+        out[key] = LoraModule(key, rename(key), B, A, 1.0, first.fan_in_fan_out, first.embedding)
     return out
 
 
@@ -262,7 +262,7 @@ def adapter_config(factors: Mapping[str, LoraModule], like: Mapping[str, Any] | 
     ranks = Counter(m.rank for m in factors.values())
     r = max(ranks, key=lambda x: (ranks[x], x)) if ranks else 1
     other = {re.escape(m.name): m.rank for m in factors.values() if m.rank != r}
-    fans = {m.fan_in_fan_out for m in factors.values()}
+    fans = {m.fan_in_fan_out for m in factors.values() if not m.embedding}
     return {
         "peft_type": "LORA",
         "base_model_name_or_path": like.get("base_model_name_or_path"),
@@ -297,15 +297,16 @@ def save_adapter(factors: Mapping[str, LoraModule], out: str | os.PathLike[str],
         if m.name in names and names[m.name] != key:
             raise InputError(f"module name {m.name!r} stands for two weights ({names[m.name]!r}, {key!r})")
         names[m.name] = key
-    fans = {m.fan_in_fan_out for m in factors.values()}
+    fans = {m.fan_in_fan_out for m in factors.values() if not m.embedding}
     if len(fans) > 1:
         raise InputError("the merged modules mix fan_in_fan_out layouts; one adapter config cannot describe them")
     out_p = check_output_path(out, list(inputs))
     cfg = adapter_config(factors, like)
     tensors = {}
     for m in factors.values():
-        tensors[f"{PEFT_PREFIX}{m.name}.lora_A.weight"] = m.A.contiguous()
-        tensors[f"{PEFT_PREFIX}{m.name}.lora_B.weight"] = m.B.contiguous()
+        a, b = ("lora_embedding_A", "lora_embedding_B") if m.embedding else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PEFT_PREFIX}{m.name}.{a}"] = m.A.contiguous()
+        tensors[f"{PEFT_PREFIX}{m.name}.{b}"] = m.B.contiguous()
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=dict(metadata or {"format": "pt"}))
