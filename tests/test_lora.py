@@ -567,3 +567,17 @@ def test_dense_path_holds_one_weight_of_updates_at_a_time(bert, adapters, monkey
     n_modules = sum(len(v) for v in vecs.values())
     assert peak[0] <= len(vecs)
     assert calls[0] == n_modules * (3 if method == "ties" else 1)  # TIES: two threshold passes + the merge pass
+
+
+def test_mergelab_reads_adapters_without_importing_peft(bert, adapters):
+    import subprocess
+    import sys
+
+    _, base_dir, _ = bert
+    code = ("import sys, mergelab; from mergelab.core.io import load_state_dict; "
+            f"v = mergelab.load_lora({str(adapters['b'])!r}, load_state_dict({str(base_dir)!r})); "
+            "mergelab.merge('ties', load_state_dict(" + repr(str(base_dir)) + "), {'b': v}); "
+            "assert 'peft' not in sys.modules, 'peft imported'; print(len(v))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "11"
