@@ -11,6 +11,7 @@ tau_t = theta_t - theta_0 and the combination theta_0 + sum_t lambda_t tau_t (se
 from mergelab import methods
 from mergelab.core.errors import IncompatibleModelsError, InputError, MergelabError
 from mergelab.core.io import load_state_dict, save_model
+from mergelab.core.lora import LoraTaskVector, load_lora
 from mergelab.core.statedict import TaskVector, check_compatible, combine, task_vectors
 from mergelab.methods import MergePlan, merge, plan
 
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "methods", "merge", "plan", "MergePlan", "TaskVector", "task_vectors", "combine", "check_compatible",
-    "load_state_dict", "save_model", "InputError", "IncompatibleModelsError", "MergelabError", "__version__",
+    "load_state_dict", "save_model", "load_lora", "LoraTaskVector", "InputError", "IncompatibleModelsError", "MergelabError", "__version__",
 ]

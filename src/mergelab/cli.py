@@ -138,6 +138,7 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or progress lines."),
     stream: bool | None = typer.Option(None, "--stream/--in-memory", help="Stream slice by slice from safetensors files (memory: a few slices per model; docs/streaming.md), or load whole models. Default: stream whenever the inputs and the method allow it, else say why and merge in memory."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Streamed merges: bytes per output shard (5GB, 500MB, ...)."),
+    output_format: str = typer.Option("model", "--output-format", help="model (a HF folder) or adapter (a PEFT LoRA adapter folder; task_arithmetic/average of LoRA experts; docs/lora.md)."),
 ) -> None:
     """Merge experts into one model and save it as a Hugging Face directory; or run a config's sweep.
 
@@ -152,6 +153,9 @@ def merge(
     the same result as the in-memory merge. Pickle checkpoints (.bin, .pt), or a method without a
     per-tensor form, are merged in memory, with a line saying why.
 
+    An --expert may be a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) over
+    --pretrained: merged exactly (docs/lora.md).
+
     With --config every method of the configuration (each point of its sweeps) is merged and saved
     under RUN_DIR/models/<label>, with results.json, results.md, merge_coefficients.png, config.yaml,
     environment.json, run.log and report.md/.html in RUN_DIR.
@@ -160,7 +164,8 @@ def merge(
 
     if config is not None:
         given = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
-                                ("--param", param), ("--stream" if stream else "--in-memory", stream is not None)) if v]
+                                ("--param", param), ("--stream" if stream else "--in-memory", stream is not None),
+                                ("--output-format", output_format != "model")) if v]
         if given:
             raise InputError(f"--config describes the pool and the methods; drop {', '.join(given)}"
                              + (" (streamed merges take the flag form)" if stream else ""))
@@ -173,7 +178,7 @@ def merge(
     if missing:
         raise InputError(f"missing {', '.join(missing)} (or give --config FILE); see mergelab merge --help")
     summary = merge_flags(method, pretrained, parse_experts(expert), parse_params(param or []), out, stream=stream,
-                          shard_size=shard_size, progress=not quiet,
+                          shard_size=shard_size, progress=not quiet, output_format=output_format,
                           note=lambda why: err_console.print(f"merging in memory: {why}", highlight=False,
                                                              soft_wrap=True))
     console.print(summary, highlight=False)

@@ -22,20 +22,40 @@ from mergelab.experiment.config import RunConfig, load_config
 
 def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params: Mapping[str, Any], out: Path, *,
                 stream: bool | None = None, shard_size: str = "5GB", progress: bool = True,
-                note: Callable[[str], None] | None = None) -> str:
+                note: Callable[[str], None] | None = None, output_format: str = "model") -> str:
     """Merge ``experts`` into ``pretrained`` with static ``method`` and save it at ``out``; a one-line summary.
 
     ``stream``: None streams whenever every input is safetensors and the method has a per-tensor form, else
     merges in memory and calls ``note(why)``; True streams (an input it cannot read is an error naming the
-    file); False loads whole models."""
+    file); False loads whole models. An expert may be a PEFT LoRA adapter folder (``adapter_config.json``):
+    merged exactly by :mod:`mergelab.methods.lora`, in memory one weight at a time. ``output_format``:
+    ``"model"`` (a Hugging Face folder) or ``"adapter"`` (a PEFT adapter folder: Task Arithmetic or averaging
+    of adapters only, which stay low-rank).
+    """
     from mergelab import methods
     from mergelab.core import io
+    from mergelab.core.lora import is_adapter_dir
 
     info = methods.get_static(method)  # unknown or not static: fail before loading anything
+    if output_format not in ("model", "adapter"):
+        raise InputError(f"--output-format must be 'model' or 'adapter', got {output_format!r}")
     io.check_output_path(out, [pretrained, *experts.values()])
     io.check_replaceable(out)  # before loading anything
+    adapters = [name for name, path in experts.items() if is_adapter_dir(path)]
+    if output_format == "adapter":
+        from mergelab.methods.lora import FACTORED_METHODS
+
+        full = [name for name in experts if name not in adapters]
+        if method not in FACTORED_METHODS or full:
+            why = (f"expert(s) {full} are not LoRA adapter folders" if full else
+                   f"{method!r} on LoRA experts is not low-rank (it acts on each weight's s B A)")
+            raise InputError(f"--output-format adapter: {why}; only {' and '.join(FACTORED_METHODS)} of adapters "
+                             "write an adapter (use --output-format model)")
+    if adapters and stream:
+        raise InputError(f"--stream: expert(s) {adapters} are LoRA adapter folders; LoRA merges run in memory one "
+                         "weight at a time already (drop --stream)")
     t0 = time.perf_counter()
-    if stream is not False:
+    if stream is not False and not adapters:
         from mergelab.methods.streaming import stream_merge, streamable
 
         why_not = f"method {method!r} has no per-tensor form" if info.stream is None else streamable(pretrained, experts)
@@ -46,12 +66,23 @@ def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params
         if note is not None:
             note(why_not)
     pre_sd = io.load_state_dict(pretrained)
-    expert_sds = {name: io.load_state_dict(path) for name, path in experts.items()}
+    inputs = [pretrained, *experts.values()]
+    if adapters:
+        from mergelab.methods import lora
+
+        expert_sds = lora.load_experts(pre_sd, experts)
+        if output_format == "adapter":
+            factors = lora.merged_factors(method, expert_sds, **params)
+            lora.save_adapter(factors, out, like=expert_sds[adapters[0]].config, inputs=inputs)
+            return (f"merged {len(experts)} LoRA adapters with [bold]{method}[/] {dict(params) or ''} into an adapter "
+                    f"of rank up to {max(m.rank for m in factors.values())} in {time.perf_counter() - t0:.1f}s -> {out}")
+    else:
+        expert_sds = {name: io.load_state_dict(path) for name, path in experts.items()}
     merged = methods.merge(method, pre_sd, expert_sds, **params)
     pre_path = io.resolve_model_path(pretrained)
-    io.save_model(merged, out, like=pre_path if pre_path.is_dir() else None, inputs=[pretrained, *experts.values()])
-    return (f"merged {len(experts)} experts with [bold]{method}[/] {dict(params) or ''} in "
-            f"{time.perf_counter() - t0:.1f}s -> {out}")
+    io.save_model(merged, out, like=pre_path if pre_path.is_dir() else None, inputs=inputs)
+    return (f"merged {len(experts)} experts{f' ({len(adapters)} LoRA)' if adapters else ''} with [bold]{method}[/] "
+            f"{dict(params) or ''} in {time.perf_counter() - t0:.1f}s -> {out}")
 
 
 def merge_config_run(config: Path, out: Path | None, *, quiet: bool = False) -> tuple[dict[str, Any], Path, str]:

@@ -36,6 +36,7 @@ from torch import Tensor
 from mergelab.core import kernels
 from mergelab.core.errors import InputError, ParameterError
 from mergelab.core.kernels import SliceForm
+from mergelab.core.lora import LoraTaskVector
 from mergelab.core.statedict import StateDict, TaskVector, check_compatible, combine, task_vectors
 
 Kind = Literal["static", "dynamic", "adaptive"]
@@ -239,9 +240,21 @@ def get_static(name: str) -> MethodInfo:
 
 
 def plan(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], **params: Any) -> MergePlan:
-    """Check compatibility, compute task vectors and run ``method``'s pre-processing: a MergePlan."""
+    """Check compatibility, compute task vectors and run ``method``'s pre-processing: a MergePlan.
+
+    An expert may be a LoRA adapter's :class:`~mergelab.core.lora.LoraTaskVector`: its task vector is then
+    materialised whole (s B A on adapted weights, zeros elsewhere; memory: one model per adapter). :func:`merge`
+    visits LoRA experts one weight at a time instead.
+    """
     info = check_params(method, params)
-    vectors = task_vectors(pretrained, experts)
+    if any(isinstance(e, LoraTaskVector) for e in experts.values()):
+        from mergelab.methods import lora
+
+        lora.check_experts(pretrained, experts)
+        vectors = {t: lora.dense_task_vector(pretrained, e) if isinstance(e, LoraTaskVector)
+                   else TaskVector.between(pretrained, e) for t, e in experts.items()}
+    else:
+        vectors = task_vectors(pretrained, experts)
     return info.fn(vectors, **params)
 
 
@@ -280,7 +293,14 @@ def merge(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], 
     (inputs plus T task vectors).
 
     >>> merged = merge("ties", pre, {"a": sd_a, "b": sd_b}, density=0.2)  # doctest: +SKIP
+
+    An expert may be a LoRA adapter (:func:`mergelab.core.lora.load_lora`): see :mod:`mergelab.methods.lora`
+    (Task Arithmetic and averaging of adapters stay factored; TIES and DARE run on each weight's s B A).
     """
+    if any(isinstance(e, LoraTaskVector) for e in experts.values()):
+        from mergelab.methods import lora
+
+        return lora.merge(method, pretrained, experts, **params)
     info = check_params(method, params)
     label = merge_label(method, params)
     on_cpu = all(t.device.type == "cpu" for sd in (pretrained, *experts.values()) for t in sd.values())

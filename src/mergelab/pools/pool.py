@@ -44,7 +44,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from mergelab.core import io, yamlio
+from mergelab.core import io, lora, yamlio
 from mergelab.core.errors import InputError
 
 
@@ -128,13 +128,22 @@ class PoolConfig(BaseModel):
         )
 
 
+def _adapter_expert(spec: str, pretrained: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A LoRA adapter folder as the expert's full state dict: W0 + s B A on each adapted weight (its
+    ``merge_and_unload``; :mod:`mergelab.core.lora`). Memory: one model, like a fully fine-tuned expert."""
+    return lora.merged_state_dict(pretrained, lora.load_lora(spec, pretrained))
+
+
 def load_state_dicts(pool: PoolConfig) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
-    """The pretrained state dict and each expert's, in the pool's task order."""
+    """The pretrained state dict and each expert's, in the pool's task order.
+
+    An expert may be a PEFT LoRA adapter folder over the pretrained model: it is materialised as
+    W0 + s B A (``mergelab merge --expert NAME=ADAPTER`` keeps it factored instead; docs/lora.md)."""
     pre = io.load_state_dict(pool.pretrained)
     experts = {}
     for name, spec in pool.experts.items():
         try:
-            experts[name] = io.load_state_dict(spec)
+            experts[name] = _adapter_expert(spec, pre) if lora.is_adapter_dir(spec) else io.load_state_dict(spec)
         except InputError as exc:
             raise InputError(f"pool.experts.{name}: {exc}") from exc
     return pre, experts
@@ -263,7 +272,14 @@ def load_pool(pool: PoolConfig, *, data: bool = True) -> ModelPool:
     for name, spec in pool.experts.items():
         where = f"pool.experts.{name}"
         try:
-            if pool.family == "text":
+            if pool.family == "text" and lora.is_adapter_dir(spec):
+                experts[name] = _adapter_expert(spec, pretrained)
+                head = _text_head(spec, family)
+            elif lora.is_adapter_dir(spec):
+                raise InputError(f"{spec}: a LoRA adapter folder; family {pool.family!r} loads each expert's own "
+                                 "head from its model, which an adapter does not hold (LoRA experts serve in family "
+                                 "'text' pools and in merges; docs/lora.md)")
+            elif pool.family == "text":
                 experts[name] = family.body_state_from(io.load_state_dict(spec), f"{where}: {spec}")
                 head = _text_head(spec, family)
             else:
