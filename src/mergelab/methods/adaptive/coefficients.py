@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mergelab.core import kernels
 from mergelab.core.errors import InputError
 from mergelab.core.figures import pyplot, save_figure
 from mergelab.core.io import atomic_write_text
@@ -246,7 +247,7 @@ class MergedParams(nn.Module):
     def forward(self) -> dict[str, Tensor]:
         """The adapted tensors theta^l(lambda) (float32, carrying the graph to the coefficients)."""
         lam = self.coefficients.values()
-        return {k: self._base[k] + torch.tensordot(self.coefficients.column(lam, k), self._stack[k], dims=1)
+        return {k: kernels.combine_stacked(self._base[k], self.coefficients.column(lam, k), self._stack[k])
                 for k in self.keys}
 
     @torch.no_grad()
@@ -263,10 +264,8 @@ class MergedParams(nn.Module):
                 # task-wise: the task's learned coefficient applies to every tensor; layer-wise: the
                 # tensors without a coefficient keep the initial one
                 lam = self.coefficients.values().detach()
-                acc = base.detach().to(torch.float32, copy=True)
-                for i, vec in enumerate(self.vectors.values()):
-                    if key in vec:
-                        c = float(lam[i]) if self.coefficients.granularity == "task" else self.coefficients.init
-                        acc = acc + c * vec[key].to(acc.device, torch.float32)
-                out[key] = acc.to(base.dtype)
+                task_wise = self.coefficients.granularity == "task"
+                terms = [(float(lam[i]) if task_wise else self.coefficients.init, vec[key].to(base.device, torch.float32))
+                         for i, vec in enumerate(self.vectors.values()) if key in vec]
+                out[key] = kernels.combine_tensor(base, terms).to(base.dtype)
         return out
