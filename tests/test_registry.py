@@ -151,6 +151,8 @@ def test_row_names_say_what_runs():
     assert data["task_arithmetic"] == "validation" and data["task_arithmetic_0.3"] == "nothing"
     assert data["se_merging_task_arithmetic"] == "nothing" and data["symerge"] == "unlabeled"
     assert data["se_prototype_task_arithmetic_fast+symerge_heads"] == "unlabeled+calibration"
+    # a row reads what the rows it takes values from read: TIES' searched scaling
+    assert data["ties+symerge_heads"] == "unlabeled+validation" and data["se_prototype_ties"] == "calibration+validation"
     with pytest.raises(InputError, match="unknown row"):
         resolve(["nope"])
     assert [r.name for r in resolve(["se_relative"])] == ["se_relative"]  # opt-in rows run when asked

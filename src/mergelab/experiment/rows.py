@@ -40,13 +40,14 @@ class Row:
 
     def data(self) -> str:
         """What data the row reads beyond the input: keys of :data:`mergelab.methods.DATA_NEEDS` joined by
-        ``+`` (a searched row reads labeled validation data; a row with adapted heads, the adaptation's
-        unlabeled inputs; the prototype fast paths, calibration inputs)."""
+        ``+`` (a searched row reads labeled validation data; the prototype fast paths, calibration inputs;
+        a row also reads what the rows it takes values or heads from read)."""
         needs = {methods.get(self.method).needs}
         if self.search:
             needs.add("validation")
-        if self.heads_from is not None:
-            needs |= set(Row(self.heads_from, self.heads_from).data().split("+"))
+        table = {r.name: r for r in TABLE}
+        for dep in dependencies(self):  # what the rows it reads from (@ROW.KEY, heads_from) read
+            needs |= set((table.get(dep) or Row(dep, dep)).data().split("+"))
         if methods.get(self.method).kind == "dynamic" and self.params.get("mode") in PROTOTYPE_MODES:
             needs.add("calibration")
         if len(needs) > 1:
