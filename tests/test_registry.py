@@ -182,7 +182,7 @@ class _NoPool:
 def test_results_schema_reads_both_versions(tmp_path):
     from mergelab.experiment.results import read_results
 
-    old = read_results(Path(__file__).parents[1] / "docs" / "data" / "text5_results.json")
+    old = read_results(Path(__file__).parents[1] / "docs" / "data" / "text5_results_schema1.json")
     assert old.schema_version == 1 and old.methods["individual"].normalized_average == pytest.approx(1.0)
     bad = tmp_path / "results.json"
     bad.write_text(json.dumps({"benchmark": "x", "tasks": ["a"], "methods": {"r": {"per_task": {"a": "high"}}}}))

@@ -342,6 +342,7 @@ def run_pool(
     run = RunPool(family, pool.pretrained, pool.experts, pool.heads, splits, seed=seed, batch_size=batch_size,
                   progress=progress, cache=test_cache)
 
+    progress_line = RowProgress(len(rows) + 2)  # from the first row on, so the estimate counts them
     results: dict[str, MethodResult] = {}
     with Timer() as tm:
         per_task = evaluate_tasks(family, lambda t: pool.experts[t], pool.heads, test, batch_size=batch_size,
@@ -355,7 +356,6 @@ def run_pool(
     results["pretrained"] = MethodResult(per_task, mean(list(per_task.values())),
                                          normalized_average(per_task, expert_acc), tm.seconds,
                                          extra=dict(REFERENCE_EXTRA))
-    progress_line = RowProgress(len(rows) + 2)
     for name in ("individual", "pretrained"):
         _print_row(console, name, results[name], progress_line.step())
     results.update(run_rows(run, rows, expert_acc=expert_acc, validation=val or None, lambdas=lambdas, steps=steps,
