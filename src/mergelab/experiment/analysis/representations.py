@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mergelab.core.batching import progress_bar
 from mergelab.core.errors import InputError
 from mergelab.methods.dynamic import router as R
 
@@ -59,11 +60,7 @@ def collect_probes(
     task_of = torch.tensor([i for i, t in enumerate(tasks) for _ in texts_by_task[t]])
     layers = list(range(family.n_layers + 1))
     out: dict[str, Tensor] = {}  # allocated from the first probe: a torch-module family learns its width there
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(texts) * len(need), desc="probing", unit="ex", leave=False)
+    bar = progress_bar(len(texts) * len(need), "probing", progress)
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         batch = family.tokenize(chunk)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.core.batching import iter_batches
+from mergelab.core.batching import iter_batches, progress_bar
 from mergelab.experiment.analysis.representations import (
     auto_adaptation,
     collect_probes,
@@ -67,11 +67,7 @@ def grid_study(ctx, *, layer: int, normalisation: str, temperatures: Sequence[fl
     grid = [(t, m) for t in temperatures for m in masses]
     correct = {g: {t: 0 for t in ctx.splits} for g in grid}
     data = _subsplits(ctx, split, n_calib, n_per_task)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(len(s) for s in data.values()), desc="SE-Merging grid", unit="ex", leave=False)
+    bar = progress_bar(sum(len(s) for s in data.values()), "SE-Merging grid", progress)
     for task, sub in data.items():
         for idx in iter_batches(sub.texts, batch_size):
             batch = ctx.family.tokenize([sub.texts[i] for i in idx])

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from mergelab.core.batching import iter_batches
+from mergelab.core.batching import iter_batches, progress_bar
 from mergelab.core.errors import ParameterError
 from mergelab.methods.dynamic import router as R
 from mergelab.methods.dynamic.se_merging import MODES, SEMerging
@@ -69,11 +69,7 @@ def se_features(
     conf = torch.zeros(T, T, dtype=torch.long)
     entropies = []
     feats_out: dict[str, Tensor] = {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(len(s) for s in inputs.values()), desc=f"{label} ({mode})", unit="ex", leave=False)
+    bar = progress_bar(sum(len(s) for s in inputs.values()), f"{label} ({mode})", progress)
     for task, seq in inputs.items():
         keep: Tensor | None = None  # [N, feature size], allocated from the first batch's features
         for idx in iter_batches(seq, batch_size):
