@@ -99,7 +99,8 @@ def test_predict_and_accuracy_keep_order(family: TextClassifierFamily) -> None:
 # ---------------------------------------------------------------------------------------------- training
 def test_train_expert_learns_and_respects_frozen_embeddings(family: TextClassifierFamily) -> None:
     task = sentiment_task()
-    expert = ft.train_expert(family, task, RECIPE, progress=False)
+    # 60 steps: at 30, one seed in six of either batching ends below 0.9 on this toy task
+    expert = ft.train_expert(family, task, RECIPE.replace(steps=60), progress=False)
     pre = family.pretrained_state()
     assert set(expert.body_state) == set(pre)
     emb = [k for k in pre if k.startswith("embeddings.")]
@@ -109,7 +110,7 @@ def test_train_expert_learns_and_respects_frozen_embeddings(family: TextClassifi
     ]
     assert moved
     assert expert.head.weight.shape == (2, 32)
-    assert expert.meta["steps"] == 30 and expert.meta["train_seconds"] > 0
+    assert expert.meta["steps"] == 60 and expert.meta["train_seconds"] > 0
     floats = {k: v for k, v in expert.body_state.items() if v.is_floating_point()}
     assert accuracy(family, task.texts, task.labels, expert.head, floats) >= 0.9
     # the family's own body is untouched
@@ -287,9 +288,16 @@ def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
 # ---------------------------------------------------------------------------------------------- registry
 def test_registry_specs() -> None:
     spec = get_benchmark()
-    assert spec.name == DEFAULT_BENCHMARK == "text5"
+    assert spec.name == DEFAULT_BENCHMARK == "text5-demo"
     assert len(spec.tasks) >= 5
-    assert {"reduced", "text5"} <= set(BENCHMARKS)
+    assert {"reduced", "text5", "text5-demo"} <= set(BENCHMARKS)
+    # the demo reads text5's experts: the same tasks, training splits, recipe and seed
+    full = get_benchmark("text5")
+    assert (spec.tasks, spec.recipe, spec.seed, spec.max_length, spec.pooling) == (
+        full.tasks, full.recipe, full.seed, full.max_length, full.pooling)
+    from mergelab.experiment.rows import resolve
+
+    assert [r.name for r in resolve(spec.rows)] == list(spec.rows)
     with pytest.raises(InputError, match="unknown benchmark"):
         get_benchmark("nope")
     from mergelab.pools.benchmarks import BenchmarkSpec, TaskSpec
@@ -314,3 +322,56 @@ def test_benchmark_splits_are_disjoint() -> None:
         ids = {k: set(v.ids) for k, v in sp.items()}
         assert not ids["train"] & ids["test"] and not ids["validation"] & ids["test"]
         assert len(sp["test"]) == t.n_test
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def _draw(lengths, recipe, n_batches):
+    schedule = ft.batch_schedule(lengths, recipe, torch.Generator().manual_seed(recipe.seed))
+    return [next(schedule) for _ in range(n_batches)]
+
+
+def test_random_batches_are_consecutive_slices_of_permutations() -> None:
+    r = RECIPE.replace(batch_size=4, batching="random")
+    got = _draw(list(range(10)), r, 5)
+    gen = torch.Generator().manual_seed(r.seed)
+    first, second = torch.randperm(10, generator=gen).tolist(), torch.randperm(10, generator=gen).tolist()
+    # 10 examples, batches of 4: two batches per permutation, then a fresh one (the last 2 are dropped)
+    assert got[:2] == [first[:4], first[4:8]] and got[2:4] == [second[:4], second[4:8]]
+
+
+def test_bucketed_batches_cover_each_epoch_once_and_group_lengths() -> None:
+    rng = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, 500, (400,), generator=rng).tolist()
+    r = RECIPE.replace(batch_size=8, batching="bucketed")
+    epoch = _draw(lengths, r, 50)  # 400 / 8 = 50 batches in one epoch
+    flat = [i for b in epoch for i in b]
+    assert sorted(flat) == list(range(400)) and all(len(b) == 8 for b in epoch)
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch) / 50
+    random_epoch = _draw(lengths, r.replace(batching="random"), 50)
+    random_spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in random_epoch) / 50
+    assert spread < 0.25 * random_spread  # similar lengths share a batch
+    assert _draw(lengths, r, 50) == epoch  # seeded
+    assert _draw(lengths, r.replace(seed=1), 50) != epoch
+    # batch order is shuffled: not sorted by length within a bucket
+    firsts = [lengths[b[0]] for b in epoch[: ft.BUCKET_BATCHES]]
+    assert firsts != sorted(firsts)
+    with pytest.raises(InputError, match="batching"):
+        FinetuneRecipe(batching="sorted")
+
+
+def test_parallel_training_equals_one_after_another(family: TextClassifierFamily, tmp_path: Path) -> None:
+    tasks = {"a": sentiment_task(40)}
+    other = sentiment_task(48)
+    tasks["b"] = TextTask("toy_b", other.texts, [1 - y for y in other.labels], label_names=["x", "y"])
+    tasks["a"] = TextTask("toy_a", tasks["a"].texts, tasks["a"].labels, label_names=["n", "p"])
+    r = RECIPE.replace(steps=6)
+    parallel = ft.get_or_train_experts(family, tasks, r, cache_dir=tmp_path / "p", progress=False, workers=2)
+    assert list(parallel) == ["a", "b"] and all(e.meta["cache_hit"] is False for e in parallel.values())
+    for name, task in tasks.items():
+        alone = ft.train_expert(family, task, r, progress=False)
+        got = parallel[name]
+        assert got.meta["task"] == task.name and got.meta["torch_threads"] == 1
+        assert all(torch.equal(got.body_state[k], alone.body_state[k]) for k in alone.body_state)
+        assert torch.equal(got.head.weight, alone.head.weight)
+    again = ft.get_or_train_experts(family, tasks, r, cache_dir=tmp_path / "p", progress=False, workers=2)
+    assert all(e.meta["cache_hit"] is True for e in again.values())

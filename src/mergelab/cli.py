@@ -19,6 +19,7 @@ from rich.table import Table
 from mergelab import __version__
 from mergelab.core import yamlio
 from mergelab.core.errors import InputError
+from mergelab.pools.benchmarks import DEFAULT_BENCHMARK
 
 app = typer.Typer(
     add_completion=False,
@@ -187,7 +188,8 @@ def merge(
 @app.command()
 @input_errors_exit_2
 def bench(
-    benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark (text5, reduced)."),
+    benchmark: str = typer.Option(DEFAULT_BENCHMARK, "--benchmark", "-b",
+                                  help="Named benchmark: text5-demo (the headline rows), text5 (every row), reduced."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default runs/<benchmark>-<timestamp>)."),
     cache: Path | None = typer.Option(None, "--cache", help="Expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)."),
     row: list[str] | None = typer.Option(None, "--row", help="Only these method rows (repeatable)."),
@@ -202,7 +204,9 @@ def bench(
 
     Examples:
 
-        mergelab bench --benchmark text5 --out runs/text5
+        mergelab bench                                 # the demo: text5-demo, headline rows
+
+        mergelab bench --benchmark text5 --out runs/text5   # every row
 
         mergelab bench --task reviews=reviews.csv --task news=news.jsonl --out runs/mine
 
@@ -212,7 +216,7 @@ def bench(
     from mergelab.experiment.report import rich_table
 
     if config is not None:
-        given = [f for f, v in (("--benchmark", benchmark != "text5"), ("--cache", cache), ("--row", row),
+        given = [f for f, v in (("--benchmark", benchmark != DEFAULT_BENCHMARK), ("--cache", cache), ("--row", row),
                                 ("--task", task)) if v]
         if given:
             raise InputError(f"--config describes the benchmark or pool; drop {', '.join(given)}")

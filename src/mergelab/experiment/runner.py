@@ -52,7 +52,7 @@ from mergelab.pools.evaluate import (
     search,
 )
 from mergelab.pools.families.text import accuracy
-from mergelab.pools.finetune import get_or_train_expert
+from mergelab.pools.finetune import get_or_train_experts
 from mergelab.pools.pool import ModelPool
 
 REFERENCE_EXTRA = {"method": None, "kind": "reference", "data": "nothing"}
@@ -78,6 +78,7 @@ def load_context(spec: BenchmarkSpec, *, cache_dir=None, progress: bool = True, 
     console = console or Console(stderr=True)
     torch.manual_seed(spec.seed)
     console.print(f"[bold]{spec.name}[/]: {spec.description}")
+    t0 = time.perf_counter()
     splits = spec.load_splits()
     for t, s in splits.items():
         console.print(f"  {t}: train {len(s['train'])}, validation {len(s['validation'])}, test {len(s['test'])}, "
@@ -87,16 +88,17 @@ def load_context(spec: BenchmarkSpec, *, cache_dir=None, progress: bool = True, 
         if task_spec.path is not None:
             for split in splits[task_spec.name].values():
                 family.check_texts(split.texts, f"task {task_spec.name!r} ({task_spec.path})", split.ids)
-    experts = {}
+    t1 = time.perf_counter()
+    experts = get_or_train_experts(family, splits, spec.recipe, cache_dir=cache_dir, progress=progress)
+    setup = {"data_and_backbone": round(t1 - t0, 3), "experts": round(time.perf_counter() - t1, 3)}
     for t in splits:
-        experts[t] = get_or_train_expert(family, splits[t], spec.recipe, cache_dir=cache_dir, progress=progress)
         hit = experts[t].meta.get("cache_hit")
         console.print(f"  expert {t}: {'cached' if hit else 'trained'} "
                       f"({experts[t].meta.get('train_seconds', 0):.0f}s to train)", highlight=False)
     return ModelPool(family=family, pretrained=family.pretrained_state(),
                      experts={t: e.body_state for t, e in experts.items()},
                      heads={t: e.head.eval() for t, e in experts.items()}, splits=splits, name=spec.name,
-                     expert_meta={t: dict(e.meta) for t, e in experts.items()})
+                     expert_meta={t: dict(e.meta) for t, e in experts.items()}, setup_seconds=setup)
 
 
 def _unread(inputs):
@@ -130,7 +132,7 @@ class RunPool:
         return out
 
     def calibration(self, n: int) -> dict[str, list]:
-        return {t: _unread(s["validation"].inputs[:n]) for t, s in self.splits.items()}
+        return {t: _unread(s["validation"].sample(n, self.seed).inputs) for t, s in self.splits.items()}
 
     def expert_features(self, task: str):
         texts = _unread(self.splits[task][self.input_split].inputs)
@@ -206,8 +208,12 @@ def run_rows(
             extra: dict[str, Any] = {}
             validation_scores: dict[str, Any] = {}
             output = None
+            timing: dict[str, float] = {}  # seconds of the row's phases (docs/performance.md's profile)
+            t0 = time.perf_counter()
             if info.kind == "static":
                 body, params, validation_scores = _static_body(pool, row, params, search_grid, validation, tasks)
+                timing["merge_and_search" if search_grid else "merge"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
                 key = json.dumps([row.method, params], sort_keys=True, default=str)
                 if row.heads_from is None and key in static_evals:
                     per_task = static_evals[key]
@@ -216,6 +222,7 @@ def run_rows(
                                               progress=pool.progress, label=name, cache=pool.cache)
                     if row.heads_from is None:
                         static_evals[key] = per_task
+                timing["evaluation"] = time.perf_counter() - t0
                 del body
             else:
                 if info.kind == "adaptive" and row.method in steps and "steps" not in params:
@@ -229,6 +236,8 @@ def run_rows(
                     output = info.fn(pool, **params)
                     if info.kind == "dynamic":
                         dynamic_out[key] = output
+                timing[info.kind] = time.perf_counter() - t0
+                t0 = time.perf_counter()
                 if output.heads is not None and row.heads_from is None:
                     heads = dict(output.heads)
                 if output.features is not None:
@@ -240,6 +249,7 @@ def run_rows(
                 else:
                     per_task = evaluate_tasks(family, output.body, heads, evaluation, batch_size=pool.batch_size,
                                               progress=pool.progress, label=name)
+                timing["evaluation"] = time.perf_counter() - t0
                 params = dict(output.params)
                 extra = dict(output.extra)
             if row.heads_from is not None:
@@ -253,7 +263,8 @@ def run_rows(
             results[name] = MethodResult(per_task, mean(list(per_task.values())),
                                          normalized_average(per_task, expert_acc), tm.seconds,
                                          params, validation_scores, {**extra, "method": row.method,
-                                                                     "kind": info.kind, "data": row.data()})
+                                                                     "kind": info.kind, "data": row.data(),
+                                                                     "timing": {k: round(v, 3) for k, v in timing.items()}})
             if on_row is not None:
                 on_row(name, results[name])
 
@@ -293,7 +304,7 @@ def run_benchmark(
     console=None,
 ) -> dict[str, Any]:
     """A named benchmark end to end: its data, experts fine-tuned or cached, every row (:func:`run_pool`)."""
-    chosen = resolve(rows)  # an unknown row would be skipped silently: refuse it before any work
+    chosen = resolve(rows or spec.rows)  # an unknown row would be skipped silently: refuse it before any work
     t_start = time.perf_counter()
     pool = load_context(spec, cache_dir=cache_dir, progress=progress, console=console)
     return run_pool(pool, chosen, out_dir=out_dir, lambdas=spec.lambdas, seed=spec.seed,
@@ -322,7 +333,7 @@ def run_pool(
     ``rows`` on a loaded pool's ``test`` splits; validate the results against
     :class:`~mergelab.experiment.results.Results` and write them (``out_dir``).
 
-    The searched rows read the ``validation`` splits (their first ``search_per_task`` examples, if given),
+    The searched rows read the ``validation`` splits (a stratified sample of ``search_per_task`` examples each, if given),
     ``se_prototype`` its calibration inputs from them, the adaptive rows the test inputs without labels."""
     from rich.console import Console
 
@@ -335,8 +346,8 @@ def run_pool(
         raise InputError(f"task(s) {missing} have no test split or no head: evaluation needs both (family "
                          "'text': a head.safetensors in each expert folder)")
     val = {t: s["validation"] for t, s in splits.items() if "validation" in s}
-    if search_per_task is not None:  # the coefficient searches read the first N validation examples
-        val = {t: v.subset(range(min(len(v), search_per_task))) for t, v in val.items()}
+    if search_per_task is not None:  # the coefficient searches read N validation examples (stratified sample)
+        val = {t: v.sample(search_per_task, seed) for t, v in val.items()}
     test = {t: splits[t]["test"] for t in pool.tasks}
     test_cache = FeatureCache()
     run = RunPool(family, pool.pretrained, pool.experts, pool.heads, splits, seed=seed, batch_size=batch_size,
@@ -370,6 +381,7 @@ def run_pool(
         "experts": {t: {k: v for k, v in m.items() if k in ("train_seconds", "steps", "cache_hit")}
                     for t, m in pool.expert_meta.items()},
         "environment": _environment(),
+        "setup_seconds": dict(pool.setup_seconds),  # data and backbone; experts (fine-tuned or read from the cache)
         "feature_cache": {"hits": test_cache.hits, "misses": test_cache.misses},
         "seconds_total": round(time.perf_counter() - t_start, 1),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

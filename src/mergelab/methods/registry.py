@@ -72,7 +72,7 @@ class MergePlan:
 class PoolView(Protocol):
     """What a dynamic or adaptive method may read from a pool (the runner's pool implements it).
 
-    ``inputs()`` are the evaluated split's inputs per task, unlabeled; ``calibration(n)`` the first ``n``
+    ``inputs()`` are the evaluated split's inputs per task, unlabeled; ``calibration(n)`` ``n``
     validation inputs per task (inputs of known task); ``expert_features(task)`` the expert's pooled
     features on ``inputs()[task]`` (a forward pass the run may already have made).
     """

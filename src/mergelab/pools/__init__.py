@@ -15,6 +15,7 @@ from mergelab.pools.finetune import (
     cache_root,
     expert_key,
     get_or_train_expert,
+    get_or_train_experts,
     train_expert,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "expert_key",
     "get_benchmark",
     "get_or_train_expert",
+    "get_or_train_experts",
     "register_benchmark",
     "resolve_backbone",
     "train_expert",

@@ -172,6 +172,7 @@ class ModelPool:
     config: PoolConfig | None = None
     data: dict[str, Any] = field(default_factory=dict)
     expert_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    setup_seconds: dict[str, float] = field(default_factory=dict)  # wall time of loading it: data, experts
 
     @property
     def tasks(self) -> list[str]:

@@ -147,6 +147,18 @@ class TaskData:
             source=self.source,
         )
 
+    def sample(self, n: int, seed: int = 0) -> TaskData:
+        """``n`` examples drawn without replacement, stratified by label and seeded (the whole task when it
+        has ``n`` or fewer), in source order. A prefix of a split would not do: sources are often ordered
+        by class or by document (BBC's folders, a movie's reviews)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"task {self.name!r}: a sample size must be a positive int, got {n!r}")
+        if n >= len(self):
+            return self
+        order = _stratified_order(list(zip(range(len(self)), self.labels, strict=True)),
+                                  random.Random(f"mergelab-sample:{seed}:{self.name}"))
+        return self.subset(sorted(order[:n]))  # type: ignore[type-var]
+
     def validate(self, min_classes: int = 2) -> None:
         """Raise :class:`~mergelab.core.errors.InputError` (a ``ValueError``) if the task cannot be learned."""
         if len(self) == 0:

@@ -60,6 +60,10 @@ class TextClassifierFamily(Family):
         """The pretrained body's state dict (a private copy: editing the body does not change it)."""
         return dict(self._pretrained)
 
+    def spawn_args(self) -> tuple:
+        """Constructor arguments that rebuild this family in another process (parallel fine-tuning)."""
+        return (str(self.model_dir), self.max_length, self.pooling, str(self.device))
+
     def identity(self) -> str:
         """A hash of the pretrained body's tensors and config, and of the pooling and max length."""
         if self._identity is None:
