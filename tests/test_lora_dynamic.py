@@ -203,3 +203,39 @@ def test_factors_on_a_layer_norm_are_refused(pool) -> None:
     stacked = StackedVectors.from_vectors({"a": bad})
     with pytest.raises(InputError, match="LayerNorm"), per_sample_mixing(family.body, pre, stacked, torch.ones(1, 1)):
         pass
+
+
+# ---------------------------------------------------------------------------------------------- adaptive
+def _heads(family, seed: int = 0) -> dict[str, torch.nn.Linear]:
+    torch.manual_seed(seed)
+    return {t: torch.nn.Linear(family.hidden_size, 3).requires_grad_(False) for t in TASKS}
+
+
+@pytest.mark.parametrize("method", ["adamerging_layerwise", "adamerging_taskwise", "symerge"])
+def test_coefficients_learned_over_adapters_equal_those_over_dense_task_vectors(pool, method) -> None:
+    from mergelab.core.statedict import task_vectors
+    from mergelab.methods.adaptive import adamerging, symerge
+
+    family, pre, adapters, bodies = pool
+    texts = {t: TEXTS[i:] + TEXTS[:i] for i, t in enumerate(TASKS)}
+    heads = _heads(family)
+    dense = task_vectors(pre, bodies)  # PEFT's merge_and_unload - W0, on every weight (zeros where not adapted)
+
+    def run(vectors):
+        if method == "symerge":
+            return symerge(family, pre, vectors, heads, texts, experts=bodies, steps=6, batch_size=4, seed=3,
+                           progress=False)
+        gran = "layer" if method == "adamerging_layerwise" else "task"
+        return adamerging(family, pre, vectors, heads, texts, granularity=gran, steps=4, batch_size=4, lr=1e-2,
+                          seed=3, progress=False)
+
+    got, ref = run(adapters), run(dense)
+    assert got.merged._factors and not got.merged._stack  # no dense task vector held
+    assert got.merged.keys == ref.merged.keys  # the adapted weights, and only those, get coefficients
+    g, r = got.merged.coefficients.values().detach(), ref.merged.coefficients.values().detach()
+    assert float((r - 0.3).abs().max()) > 1e-3  # the coefficients did move
+    torch.testing.assert_close(g, r, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5)
+    merged_g, merged_r = got.merged.state_dict_merged(), ref.merged.state_dict_merged()
+    for k in pre:
+        torch.testing.assert_close(merged_g[k], merged_r[k], rtol=0, atol=1e-5, msg=k)

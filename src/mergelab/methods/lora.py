@@ -274,6 +274,17 @@ def dense_task_vector(pretrained: StateDict, expert: LoraTaskVector) -> TaskVect
                        for k, t in pretrained.items() if is_mergeable(t)})
 
 
+def task_vectors_of(pretrained: StateDict, experts: Mapping[str, Expert], *, factored: bool = True
+                    ) -> dict[str, LoraTaskVector | TaskVector]:
+    """Each expert's task vector, after :func:`check_experts`: a full expert's theta_t - theta_0; a LoRA expert's
+    :class:`LoraTaskVector` as it is (``factored``: AdaMerging and SyMerge mix its factors) or materialised whole
+    by :func:`dense_task_vector` (``factored=False``: AdaMerging++'s TIES trim counts the zeros of the weights an
+    adapter does not touch, as on the dense task vector)."""
+    check_experts(pretrained, experts)
+    return {t: (e if factored else dense_task_vector(pretrained, e)) if is_lora(e) else TaskVector.between(pretrained, e)
+            for t, e in experts.items()}
+
+
 # ---------------------------------------------------------------- PEFT adapter output
 
 
@@ -345,4 +356,4 @@ def save_adapter(factors: Mapping[str, LoraModule], out: str | os.PathLike[str],
 
 
 __all__ = ["FACTORED_METHODS", "adapter_config", "check_experts", "dense_task_vector", "is_factored", "is_lora", "load_experts",
-           "merge", "merged_factors", "save_adapter"]
+           "merge", "merged_factors", "save_adapter", "task_vectors_of"]
