@@ -188,7 +188,7 @@ def merge(
 @app.command()
 @input_errors_exit_2
 def bench(
-    benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark (text5, reduced)."),
+    benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark (text5, reduced, text5-lora)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default runs/<benchmark>-<timestamp>)."),
     cache: Path | None = typer.Option(None, "--cache", help="Expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)."),
     row: list[str] | None = typer.Option(None, "--row", help="Only these method rows (repeatable)."),
