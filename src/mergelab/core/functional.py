@@ -23,8 +23,11 @@ per-sample forward while :func:`per_sample_mixing` is active:
 - LoRA experts (factored task vectors, :class:`FactoredStack`): a weight whose every task vector is a
   LoRA update ``tau_t = s_t B_t A_t`` (Hu et al. 2021, Eq. 3; :mod:`mergelab.core.lora`) mixes exactly in
   activation space, ``y = W_0 x + sum_t C[b, t] s_t B_t (A_t x)``: no per-sample (or per-task) weight is
-  ever formed, and the per-sample part costs ``tokens * sum_t r_t * (in + out)``. An embedding adapter
-  mixes the same way on the looked-up rows of ``A^T``. Weights no adapter touches are not mixed at all.
+  ever formed, and the per-sample part costs ``tokens * sum_t r_t * (in + out)``, against
+  ``tokens * out * in`` for the layer (MiniLM, 5 experts of rank 16: 31% more multiply-adds on the adapted
+  linears). ``W_0 x`` and all the ``A_t x`` are one matrix product with ``[W_0; A_1; ...; A_T]``, formed once
+  when the block is entered (a copy of the adapted weights, for its duration). An embedding adapter mixes the
+  same way on the looked-up rows of ``A^T``. Weights no adapter touches are not mixed at all.
 - ``nn.Conv2d`` (CLIP's patch embedding): one grouped convolution over the batch, ``groups = B``, with
   the per-sample kernels stacked along the output channels.
 - CLIP's vision embeddings: the class token ``c_0 + sum_t C[b, t] tau_t`` per sample.
@@ -218,6 +221,46 @@ def _column_scale(factors: tuple[Tensor, ...], coeffs: Tensor, dtype: torch.dtyp
     return c.repeat_interleave(factors[1].shape[0] // coeffs.shape[1], dim=1)
 
 
+@dataclass(frozen=True)
+class _FusedLora:
+    """A LoRA-factored linear prepared for the per-sample forward: ``wcat = [W_0; V]`` ([out + R, in], the Linear
+    orientation) so that ``W_0 x`` and ``V x`` are one matrix product, ``bcat = [b_0; 0]`` (the static bias folded
+    into it), ``ut = U^T`` [R, out] for the second product, ``task`` [R] each column's task."""
+
+    wcat: Tensor
+    bcat: Tensor | None
+    ut: Tensor
+    task: Tensor
+
+    @classmethod
+    def of(cls, weight0: Tensor, bias0: Tensor | None, f: FactoredStack, transposed: bool) -> _FusedLora:
+        w = weight0.T if transposed else weight0
+        v = f.v.to(w.dtype)
+        bcat = None if bias0 is None else torch.cat([bias0, bias0.new_zeros(v.shape[0])])
+        return cls(torch.cat([w, v]).contiguous(), bcat, f.u.T.to(w.dtype).contiguous(), f.task)
+
+
+def _fused_lora_forward(fused: _FusedLora, bias0: Tensor | None, db: Tensor | None,
+                        coeffs: Tensor) -> Callable[[Tensor], Tensor]:
+    """``y = W_0 x + b + U ((V x) * C[b, task])`` per sample: one product with ``[W_0; V]`` (bias included), the
+    per-sample column scaling, one ``addmm`` with U^T. A bias with task vectors (``db``) is mixed per sample."""
+
+    def forward(x: Tensor) -> Tensor:
+        b = coeffs.shape[0]
+        _leading(x, b, "a linear layer's input")
+        out, rank = fused.ut.shape[1], fused.ut.shape[0]
+        flat = x.reshape(-1, x.shape[-1])
+        yz = F.linear(flat, fused.wcat, fused.bcat if db is None else None)
+        y, z = yz[:, :out], yz[:, out:]
+        scale = coeffs.to(z.dtype)[:, fused.task].unsqueeze(1)  # [B, 1, R]
+        y = torch.addmm(y, (z.view(b, -1, rank) * scale).view(-1, rank), fused.ut).view(b, -1, out)
+        if db is not None and bias0 is not None:
+            y = y + (bias0.unsqueeze(0) + _mix(db, coeffs).to(bias0.dtype)).unsqueeze(1)
+        return y.reshape(*x.shape[:-1], out)
+
+    return forward
+
+
 def _linear_forward(weight0: Tensor, bias0: Tensor | None, dw: Tensor | None, db: Tensor | None,
                     coeffs: Tensor, transposed: bool,
                     factors: tuple[Tensor, ...] | None = None) -> Callable[[Tensor], Tensor]:
@@ -386,11 +429,17 @@ def per_sample_mixing(
                 transposed = not isinstance(module, nn.Linear)
 
                 wkey = full["weight"]
-                f = lora["weight"] or (factors.get(wkey) if wkey in mixed else None)
+                if lora["weight"] is not None:  # LoRA factors: fused once here, for every forward in the block
+                    fused = _FusedLora.of(p["weight"], p.get("bias"), stacked.factors[wkey], transposed)
 
-                def fwd(self, x, _w=p["weight"], _b=p.get("bias"), _dw=d["weight"], _db=d.get("bias"), _t=transposed,
-                        _f=f):
-                    return _linear_forward(_w, _b, _dw, _db, get(), _t, _f)(x)
+                    def fwd(self, x, _fu=fused, _b=p.get("bias"), _db=d.get("bias")):
+                        return _fused_lora_forward(_fu, _b, _db, get())(x)
+                else:
+                    f = factors.get(wkey) if wkey in mixed else None
+
+                    def fwd(self, x, _w=p["weight"], _b=p.get("bias"), _dw=d["weight"], _db=d.get("bias"),
+                            _t=transposed, _f=f):
+                        return _linear_forward(_w, _b, _dw, _db, get(), _t, _f)(x)
             elif isinstance(module, nn.Embedding):
                 def fwd(self, ids, _w=p["weight"], _dw=d["weight"], _f=lora["weight"]):
                     return _embedding_forward(self, _w, _dw, get(), _f)(ids)
