@@ -109,7 +109,7 @@ def test_per_sample_mixing_over_adapters_equals_per_sample_merged_models(pool) -
     assert _rel(got, family.features(batch, pre)) > 1e-2  # the adapters do change the features
 
 
-@pytest.mark.parametrize("rule", ["raw", "prototype"])
+@pytest.mark.parametrize("rule", ["raw", "relative", "ratio", "prototype"])
 def test_se_merging_over_adapters_equals_per_sample_merged_models(pool, rule) -> None:
     family, pre, adapters, bodies = pool
     cfg = RouterConfig(layer=1, normalisation=rule, temperature=0.5, mass=1.0)

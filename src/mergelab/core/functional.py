@@ -152,7 +152,7 @@ class StackedVectors:
                 factored += new
                 seen.update(new)
 
-        def dense(t: str, k: str, like: Tensor | None) -> Tensor:
+        def dense(t: str, k: str, like: Tensor) -> Tensor:
             v = vectors[t]
             if k in v:
                 return v[k].to(device=device, dtype=torch.float32)
