@@ -61,6 +61,18 @@ def main() -> None:
     splits = spec.load_splits()
     family = spec.family()
     tok = family.tokenizer
+    padding = []  # tokens a fine-tuning step computes (batch x its longest text), random vs bucketed batches
+    for task, s in splits.items():
+        train = s["train"]
+        ntok = [len(x) for x in tok(list(train.texts), truncation=True, max_length=spec.max_length)["input_ids"]]
+        row = {"task": task, "tokens_per_text": round(sum(ntok) / len(ntok), 1)}
+        for batching in ("random", "bucketed"):
+            recipe = spec.recipe.replace(batching=batching)
+            sched = batch_schedule([len(x) for x in train.texts], recipe, torch.Generator().manual_seed(recipe.seed))
+            padded = sum(max(ntok[i] for i in next(sched)) * recipe.batch_size for _ in range(recipe.steps))
+            row[f"{batching}_tokens_per_step"] = round(padded / recipe.steps, 1)
+        padding.append(row)
+        print(json.dumps(row), flush=True)
     rows = []
     for threads in args.threads:
         rate = matmul_rate(threads)
@@ -116,10 +128,14 @@ def main() -> None:
     for r in rows:
         print(f"| {r['threads']} | {r['task']} | {r['tokens_per_text']} | {r['infer_texts_per_s']} | {r['infer_bound']} | "
               f"{r['infer_fraction']:.2f} | {r['train_texts_per_s']} | {r['train_bound']} | {r['train_fraction']:.2f} |")
+    print("\n| task | tokens/text | tokens/step, random batches | bucketed | bucketed / random |\n|---|---:|---:|---:|---:|")
+    for r in padding:
+        print(f"| {r['task']} | {r['tokens_per_text']} | {r['random_tokens_per_step']} | {r['bucketed_tokens_per_step']} | "
+              f"{r['bucketed_tokens_per_step'] / r['random_tokens_per_step']:.2f} |")
     if args.out:
         from mergelab.core.atomic import atomic_write_bytes
 
-        atomic_write_bytes(args.out, json.dumps({"rows": rows}, indent=1).encode())
+        atomic_write_bytes(args.out, json.dumps({"padding": padding, "rows": rows}, indent=1).encode())
 
 
 if __name__ == "__main__":

@@ -425,7 +425,9 @@ def test_cli_merges_adapter_folders_to_a_model_and_to_an_adapter(bert, adapters,
     res = _cli("--method", "task_arithmetic", *common, "--param", "scaling=0.5", "--output-format", "adapter",
                "--out", tmp_path / "ta_ad")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (tmp_path / "ta_ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ta_ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                     "merge_report.json"]
+    assert json.loads((tmp_path / "ta_ad" / "merge_report.json").read_text())["error"] == 0.0  # exact
     full = mergelab.merge("task_arithmetic", base, vecs, scaling=0.5)
     unloaded = peft_merged(base_dir, tmp_path / "ta_ad")
     for key in base:
@@ -438,8 +440,13 @@ def test_cli_merges_adapter_folders_to_a_model_and_to_an_adapter(bert, adapters,
 def test_cli_refuses_what_is_not_exact_with_exit_2(bert, adapters, tmp_path):
     _, base_dir, _ = bert
     common = ["--pretrained", base_dir, "--expert", f"a={adapters['a']}", "--expert", f"b={adapters['b']}"]
-    res = _cli("--method", "ties", *common, "--output-format", "adapter", "--out", tmp_path / "o1")
-    assert res.exit_code == 2 and "--output-format adapter" in res.output and "not low-rank" in res.output
+    res = _cli("--method", "ties", "--pretrained", base_dir, "--expert", f"a={adapters['a']}", "--expert",
+               f"full={base_dir}", "--output-format", "adapter", "--out", tmp_path / "o1")
+    assert res.exit_code == 2 and "--output-format adapter" in res.output and "['full']" in res.output
+    res = _cli("--method", "ties", *common, "--output-format", "adapter", "--svd-tol", "1.5", "--out", tmp_path / "o1")
+    assert res.exit_code == 2 and "--svd-tol" in res.output and "[0, 1)" in res.output
+    res = _cli("--method", "ties", *common, "--svd-tol", "0.1", "--out", tmp_path / "o1")
+    assert res.exit_code == 2 and "--svd-tol" in res.output and "--output-format adapter" in res.output
     res = _cli("--method", "task_arithmetic", *common, "--stream", "--out", tmp_path / "o2")
     assert res.exit_code == 2 and "--stream" in res.output
     bad = _edited(adapters["a"], tmp_path / "dora", use_dora=True)
@@ -581,3 +588,75 @@ def test_mergelab_reads_adapters_without_importing_peft(bert, adapters):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "11"
+
+
+# ---------------------------------------------------------------- TIES / DARE as an adapter: truncated SVD
+
+
+@pytest.mark.parametrize("method,params,tol", [("ties", {"density": 0.3}, 0.01), ("dare", {"drop_rate": 0.5}, 0.05)])
+def test_ties_dare_adapter_output_is_a_truncated_svd_within_the_reported_error(bert, adapters, tmp_path, method,
+                                                                                params, tol):
+    from peft import PeftModel
+    from transformers import BertModel
+
+    import mergelab
+    from mergelab.methods import lora as mlora
+
+    _, base_dir, base = bert
+    vecs = {t: lora.load_lora(p, base) for t, p in adapters.items()}
+    full = mergelab.merge(method, base, vecs, **params)  # the full merged model (tested against the dense method)
+    factors, report = mlora.adapter_factors(method, base, vecs, tol=tol, **params)
+    out = mlora.save_adapter(factors, tmp_path / "ad", like=vecs["a"].config, report=report)
+    assert json.loads((out / "merge_report.json").read_text())["error"] == report["error"]
+    unloaded = peft_merged(base_dir, out)
+    num = den = 0.0
+    cut = 0
+    for name, m in report["modules"].items():
+        key = m["key"]
+        update = (full[key] - base[key]).double()
+        mat = update.T if key.endswith("word_embeddings.weight") else update
+        err = float((unloaded[key].double() - full[key].double()).norm() / update.norm())
+        # PEFT's reload gives the reported error (float32 rounding of W0 + B A aside), within the tolerance
+        assert err == pytest.approx(m["error"], abs=1e-5) and m["error"] <= tol + 1e-6, name
+        # and the rank is the smallest that reaches it: the next lower rank's tail (by the test's own SVD) does not
+        sig = torch.linalg.svdvals(mat)
+        assert float(sig[m["rank"] - 1:].norm() / sig.norm()) > tol, name
+        cut += m["rank"] < min(mat.shape)
+        num += (err * float(update.norm())) ** 2
+        den += float(update.norm()) ** 2
+    assert cut and (num / den) ** 0.5 == pytest.approx(report["error"], abs=1e-5)  # the tolerance did cut ranks
+    untouched = [k for k in base if not any(k in v.modules for v in vecs.values())]
+    assert all(torch.equal(unloaded[k], base[k]) for k in untouched)
+    # outputs: the adapter in PEFT (unmerged, W0 x + B A x) is the model of those weights (W0 + B A, PEFT's
+    # merge_and_unload); against the full merged model it differs, relative to what the merge changes, by about the
+    # weights' reported error (on these large random updates 1.0-1.7x it for tolerances 0.01-0.3: not a bound)
+    pm = PeftModel.from_pretrained(BertModel.from_pretrained(str(base_dir)), str(out)).eval()
+    models = {}
+    for name, sd in (("full", full), ("approx", unloaded), ("base", base)):
+        models[name] = BertModel.from_pretrained(str(base_dir)).eval()
+        models[name].load_state_dict(sd)
+    ids = torch.tensor([[2, 7, 9, 11, 13, 3], [2, 20, 5, 30, 3, 0]])
+    mask = torch.tensor([[1] * 6, [1] * 5 + [0]])
+    with torch.no_grad():
+        y_ad = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+        y = {n: m(input_ids=ids, attention_mask=mask).last_hidden_state for n, m in models.items()}
+    torch.testing.assert_close(y_ad, y["approx"], rtol=1e-5, atol=1e-5)
+    assert float((y_ad - y["full"]).norm() / (y["full"] - y["base"]).norm()) <= 2 * report["error"]
+    # a tolerance of 0 keeps every singular value: the adapter is the full merge
+    factors0, report0 = mlora.adapter_factors(method, base, vecs, tol=0.0, **params)
+    assert report0["error"] < 1e-6
+    out0 = mlora.save_adapter(factors0, tmp_path / "ad0", like=vecs["a"].config)
+    unloaded0 = peft_merged(base_dir, out0)
+    for key in base:
+        torch.testing.assert_close(unloaded0[key], full[key], rtol=0, atol=2e-6, msg=key)
+
+
+def test_cli_writes_a_ties_adapter_and_reports_its_error(bert, adapters, tmp_path):
+    _, base_dir, _ = bert
+    res = _cli("--method", "ties", "--pretrained", base_dir, "--expert", f"a={adapters['a']}", "--expert",
+               f"b={adapters['b']}", "--param", "density=0.3", "--output-format", "adapter", "--svd-tol", "0.1",
+               "--out", tmp_path / "ties_ad", "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "ties_ad" / "merge_report.json").read_text())
+    assert 0 < report["error"] <= 0.1 and f"{report['error']:.2e}" in res.output and "--svd-tol 0.1" in res.output
+    assert lora.load_lora(tmp_path / "ties_ad", load_state_dict(base_dir)).modules  # a readable adapter

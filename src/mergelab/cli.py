@@ -139,7 +139,8 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or progress lines."),
     stream: bool | None = typer.Option(None, "--stream/--in-memory", help="Stream slice by slice from safetensors files (memory: a few slices per model; docs/streaming.md), or load whole models. Default: stream whenever the inputs and the method allow it, else say why and merge in memory."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Streamed merges: bytes per output shard (5GB, 500MB, ...)."),
-    output_format: str = typer.Option("model", "--output-format", help="model (a HF folder) or adapter (a PEFT LoRA adapter folder; task_arithmetic/average of LoRA experts; docs/lora.md)."),
+    output_format: str = typer.Option("model", "--output-format", help="model (a HF folder) or adapter (a PEFT LoRA adapter folder, LoRA experts only: exact for task_arithmetic/average, a truncated SVD for ties/dare; docs/lora.md)."),
+    svd_tol: float | None = typer.Option(None, "--svd-tol", help="--output-format adapter with ties/dare: each weight's rank is the smallest whose truncated SVD has relative Frobenius error <= this (default 0.01); the error reached is reported."),
 ) -> None:
     """Merge experts into one model and save it as a Hugging Face directory; or run a config's sweep.
 
@@ -166,7 +167,7 @@ def merge(
     if config is not None:
         given = [f for f, v in (("--method", method), ("--pretrained", pretrained), ("--expert", expert),
                                 ("--param", param), ("--stream" if stream else "--in-memory", stream is not None),
-                                ("--output-format", output_format != "model")) if v]
+                                ("--output-format", output_format != "model"), ("--svd-tol", svd_tol is not None)) if v]
         if given:
             raise InputError(f"--config describes the pool and the methods; drop {', '.join(given)}"
                              + (" (streamed merges take the flag form)" if stream else ""))
@@ -179,7 +180,7 @@ def merge(
     if missing:
         raise InputError(f"missing {', '.join(missing)} (or give --config FILE); see mergelab merge --help")
     summary = merge_flags(method, pretrained, parse_experts(expert), parse_params(param or []), out, stream=stream,
-                          shard_size=shard_size, progress=not quiet, output_format=output_format,
+                          shard_size=shard_size, progress=not quiet, output_format=output_format, svd_tol=svd_tol,
                           note=lambda why: err_console.print(f"merging in memory: {why}", highlight=False,
                                                              soft_wrap=True))
     console.print(summary, highlight=False)
@@ -189,7 +190,7 @@ def merge(
 @input_errors_exit_2
 def bench(
     benchmark: str = typer.Option(DEFAULT_BENCHMARK, "--benchmark", "-b",
-                                  help="Named benchmark: text5-demo (the headline rows), text5 (every row), reduced."),
+                                  help="Named benchmark: text5-demo (the headline rows), text5 (every row), text5-lora, reduced."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default runs/<benchmark>-<timestamp>)."),
     cache: Path | None = typer.Option(None, "--cache", help="Expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)."),
     row: list[str] | None = typer.Option(None, "--row", help="Only these method rows (repeatable)."),

@@ -39,7 +39,7 @@ SHARD_NAME = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
 # what a saved model folder holds: anything else in an existing output means it is not one of ours
 # and a PEFT adapter folder (LoRA merges written with --output-format adapter)
 MODEL_DIR_FILES = frozenset({*WEIGHT_FILES, *INDEX_FILES, *SIDECAR_FILES, "head.safetensors", "mergelab.json",
-                             "adapter_config.json", "adapter_model.safetensors"})
+                             "adapter_config.json", "adapter_model.safetensors", "merge_report.json"})
 
 
 @dataclass(frozen=True)

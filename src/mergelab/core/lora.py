@@ -131,6 +131,9 @@ class LoraTaskVector(Mapping[str, Tensor]):
     def __getitem__(self, key: str) -> Tensor:
         return self.modules[key].delta()
 
+    def __contains__(self, key: object) -> bool:  # without forming s B A (Mapping's default would)
+        return key in self.modules
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.modules)
 

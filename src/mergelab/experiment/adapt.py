@@ -105,7 +105,7 @@ def run(*, method: str, benchmark: str | None, config: Path | None = None, steps
     texts = {t: s[adapt_split].inputs if isinstance(s[adapt_split].inputs, LazyColumn) else list(s[adapt_split].inputs)
              for t, s in splits.items()}
     result = run_adapt(method, family, pre, bodies, heads, texts, steps=steps, seed=seed, progress=not quiet,
-                       **options)
+                       adapters=ctx.adapters, **options)
     files = result.save(out)
     summary = {"benchmark": ctx.name, "adapt_split": adapt_split, **result.summary()}
     if evaluate:

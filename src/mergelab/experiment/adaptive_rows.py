@@ -41,6 +41,7 @@ class _Inputs:
     seed: int = 0
     progress: bool = True
     batch_size: int = 64
+    adapters: Mapping[str, Any] | None = None  # LoRA experts' factors (merged instead of the bodies)
 
     def inputs(self) -> dict[str, list]:
         return {t: list(v) for t, v in self.texts.items()}
@@ -51,14 +52,17 @@ class _Inputs:
 
 def adapt(method: str, family, pretrained_state: StateDict, expert_bodies: Mapping[str, StateDict],
           heads: Mapping[str, nn.Module], texts: Mapping[str, Sequence[str]], *, steps: int | None = None,
-          seed: int = 0, progress: bool = True, **options: Any) -> AdaptResult:
-    """Run the registered adaptive ``method`` (``mergelab methods``) on unlabeled ``texts`` (task -> inputs)."""
+          seed: int = 0, progress: bool = True, adapters: Mapping[str, Any] | None = None, **options: Any) -> AdaptResult:
+    """Run the registered adaptive ``method`` (``mergelab methods``) on unlabeled ``texts`` (task -> inputs).
+
+    ``adapters``: task -> LoRA adapter (factored task vector) of the experts that are adapters (a pool's)."""
     info = methods.get(method)
     if info.kind != "adaptive":
         raise InputError(f"unknown adaptive method {method!r}; choose one of {', '.join(methods.available('adaptive'))}")
     params = {**options, **({} if steps is None else {"steps": steps})}
     info.check(params)
-    pool = _Inputs(family, pretrained_state, expert_bodies, heads, texts, seed=seed, progress=progress)
+    pool = _Inputs(family, pretrained_state, expert_bodies, heads, texts, seed=seed, progress=progress,
+                   adapters=adapters)
     return info.fn(pool, **params).result
 
 

@@ -22,15 +22,18 @@ from mergelab.experiment.config import RunConfig, load_config
 
 def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params: Mapping[str, Any], out: Path, *,
                 stream: bool | None = None, shard_size: str = "5GB", progress: bool = True,
-                note: Callable[[str], None] | None = None, output_format: str = "model") -> str:
+                note: Callable[[str], None] | None = None, output_format: str = "model",
+                svd_tol: float | None = None) -> str:
     """Merge ``experts`` into ``pretrained`` with static ``method`` and save it at ``out``; a one-line summary.
 
     ``stream``: None streams whenever every input is safetensors and the method has a per-tensor form, else
     merges in memory and calls ``note(why)``; True streams (an input it cannot read is an error naming the
     file); False loads whole models. An expert may be a PEFT LoRA adapter folder (``adapter_config.json``):
     merged exactly by :mod:`mergelab.methods.lora`, in memory one weight at a time. ``output_format``:
-    ``"model"`` (a Hugging Face folder) or ``"adapter"`` (a PEFT adapter folder: Task Arithmetic or averaging
-    of adapters only, which stay low-rank).
+    ``"model"`` (a Hugging Face folder) or ``"adapter"`` (a PEFT adapter folder, adapters only: exact for Task
+    Arithmetic and averaging, which stay low-rank; for TIES and DARE each merged update's truncated SVD at
+    relative error ``svd_tol`` (default :data:`mergelab.methods.lora.DEFAULT_SVD_TOL`), reported in the summary
+    and in the folder's ``merge_report.json``).
     """
     from mergelab import methods
     from mergelab.core import io
@@ -42,15 +45,16 @@ def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params
     io.check_output_path(out, [pretrained, *experts.values()])
     io.check_replaceable(out)  # before loading anything
     adapters = [name for name, path in experts.items() if is_adapter_dir(path)]
+    if svd_tol is not None and output_format != "adapter":
+        raise InputError("--svd-tol sets the error of an adapter output's truncated SVD: it needs --output-format adapter")
     if output_format == "adapter":
-        from mergelab.methods.lora import FACTORED_METHODS
+        from mergelab.methods.lora import DEFAULT_SVD_TOL, check_tolerance
 
+        svd_tol = check_tolerance(DEFAULT_SVD_TOL if svd_tol is None else svd_tol)
         full = [name for name in experts if name not in adapters]
-        if method not in FACTORED_METHODS or full:
-            why = (f"expert(s) {full} are not LoRA adapter folders" if full else
-                   f"{method!r} on LoRA experts is not low-rank (it acts on each weight's s B A)")
-            raise InputError(f"--output-format adapter: {why}; only {' and '.join(FACTORED_METHODS)} of adapters "
-                             "write an adapter (use --output-format model)")
+        if full:
+            raise InputError(f"--output-format adapter: expert(s) {full} are not LoRA adapter folders (a full expert's "
+                             "update covers every weight, biases and norms included); use --output-format model")
     if adapters and stream:
         raise InputError(f"--stream: expert(s) {adapters} are LoRA adapter folders; LoRA merges run in memory one "
                          "weight at a time already (drop --stream)")
@@ -72,10 +76,14 @@ def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params
 
         expert_sds = lora.load_experts(pre_sd, experts)
         if output_format == "adapter":
-            factors = lora.merged_factors(method, expert_sds, **params)
-            lora.save_adapter(factors, out, like=expert_sds[adapters[0]].config, inputs=inputs)
+            factors, report = lora.adapter_factors(method, pre_sd, expert_sds, tol=svd_tol, **params)
+            lora.save_adapter(factors, out, like=expert_sds[adapters[0]].config, inputs=inputs, report=report)
+            lo, hi = report["ranks"]
+            how = ("exact" if method in lora.FACTORED_METHODS else
+                   f"truncated SVD at --svd-tol {svd_tol:g}: relative error {report['error']:.2e} over all adapted "
+                   f"weights, at most {report['max_module_error']:.2e} per weight")
             return (f"merged {len(experts)} LoRA adapters with [bold]{method}[/] {dict(params) or ''} into an adapter "
-                    f"of rank up to {max(m.rank for m in factors.values())} in {time.perf_counter() - t0:.1f}s -> {out}")
+                    f"of rank {lo}..{hi} ({how}) in {time.perf_counter() - t0:.1f}s -> {out}")
     else:
         expert_sds = {name: io.load_state_dict(path) for name, path in experts.items()}
     merged = methods.merge(method, pre_sd, expert_sds, **params)

@@ -85,11 +85,11 @@ class OutputsConfig(BaseModel):
 
 
 class BenchmarkConfig(BaseModel):
-    """A named benchmark (``text5``, ``text5-demo``, ``reduced``), optionally on your own task files."""
+    """A named benchmark (``text5``, ``text5-demo``, ``text5-lora``, ``reduced``), optionally on your own task files."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="text5", description="text5 (every row), text5-demo (its headline rows) or reduced")
+    name: str = Field(default="text5", description="text5 (every row), text5-demo (its headline rows), text5-lora or reduced")
     rows: list[str] | None = Field(default=None, description="only these method rows (default: the benchmark's)")
     tasks: dict[str, str] = Field(default_factory=dict, description="task name -> CSV/JSONL/dataset folder; replaces the benchmark's tasks")
     cache: str | None = Field(default=None, description="expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)")

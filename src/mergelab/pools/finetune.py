@@ -173,6 +173,52 @@ def _lr_lambda(recipe: FinetuneRecipe):
     return f
 
 
+def fit(model: nn.Module, head: nn.Module, groups: list[dict[str, Any]], family: TextClassifierFamily,
+        train: TaskData, recipe: FinetuneRecipe, gen: torch.Generator, *, progress: bool = True,
+        on_step: Callable[[], None] | None = None, desc: str = "fine-tune") -> tuple[list[float], float]:
+    """The recipe's training loop, shared by full (:func:`train_expert`) and LoRA fine-tuning
+    (:mod:`mergelab.pools.finetune_lora`): AdamW over ``groups``, warm-up then linear decay, the batches of
+    :func:`batch_schedule` drawn with ``gen``, cross-entropy of ``head`` on the pooled features, gradient
+    clipping. Returns ``(losses, seconds)``."""
+    opt = torch.optim.AdamW(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe))
+    labels = torch.tensor(train.labels, dtype=torch.long)
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            bar = tqdm(total=recipe.steps, desc=desc, unit="step", dynamic_ncols=True)
+        except ImportError:  # pragma: no cover
+            bar = None
+    schedule = batch_schedule([input_length(t) for t in train.texts], recipe, gen)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(recipe.steps):
+        idx = next(schedule)
+        batch = family.tokenize([train.texts[i] for i in idx])
+        states = model(**batch).last_hidden_state
+        logits = head(family.pool(states, batch["attention_mask"]))
+        loss = nn.functional.cross_entropy(logits, labels[idx].to(logits.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], recipe.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step()
+        if bar is not None:
+            bar.update(1)
+            if step % 5 == 0 or step == recipe.steps - 1:
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    return losses, seconds
+
+
 def train_expert(
     family: TextClassifierFamily,
     train: TaskData,
@@ -218,44 +264,8 @@ def _train(family: TextClassifierFamily, train: TaskData, recipe: FinetuneRecipe
         {"params": list(head.parameters()), "lr": recipe.head_lr, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"] and g["lr"] > 0]
-    opt = torch.optim.AdamW(groups)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe))
-    labels = torch.tensor(train.labels, dtype=torch.long)
-
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm  # noqa: PLC0415
-
-            bar = tqdm(total=recipe.steps, desc=f"fine-tune {train.name}", unit="step", dynamic_ncols=True)
-        except ImportError:  # pragma: no cover
-            bar = None
-
-    schedule = batch_schedule([input_length(t) for t in train.texts], recipe, gen)
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    for step in range(recipe.steps):
-        idx = next(schedule)
-        batch = family.tokenize([train.texts[i] for i in idx])
-        states = body(**batch).last_hidden_state
-        logits = head(family.pool(states, batch["attention_mask"]))
-        loss = nn.functional.cross_entropy(logits, labels[idx].to(logits.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], recipe.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step()
-        if bar is not None:
-            bar.update(1)
-            if step % 5 == 0 or step == recipe.steps - 1:
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    seconds = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
+    losses, seconds = fit(body, head, groups, family, train, recipe, gen, progress=progress, on_step=on_step,
+                          desc=f"fine-tune {train.name}")
 
     body.eval()
     body_state = {k: v.detach().clone().contiguous() for k, v in body.state_dict().items()}

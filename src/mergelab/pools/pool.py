@@ -160,7 +160,9 @@ class ModelPool:
     A named benchmark (:func:`mergelab.experiment.runner.load_context`) fills ``splits`` with its seeded
     train / validation / test splits and ``expert_meta`` with each expert's fine-tuning record. A pool
     YAML (:func:`load_pool`) gives one data set per task (``data``); :meth:`hold_out` cuts it into a
-    validation part and a test part.
+    validation part and a test part. ``adapters``: task -> the LoRA adapter (factored task vector) of each expert
+    that is one (a LoRA benchmark's experts, a ``text`` pool's adapter folders); its ``experts`` entry is then
+    W0 + s B A, and the methods merge the factors.
     """
 
     family: Any
@@ -173,6 +175,7 @@ class ModelPool:
     data: dict[str, Any] = field(default_factory=dict)
     expert_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     setup_seconds: dict[str, float] = field(default_factory=dict)  # wall time of loading it: data, experts
+    adapters: dict[str, lora.LoraTaskVector] = field(default_factory=dict)  # the experts that are LoRA adapters
 
     @property
     def tasks(self) -> list[str]:
@@ -270,11 +273,13 @@ def load_pool(pool: PoolConfig, *, data: bool = True) -> ModelPool:
     pretrained = family.pretrained_state()
     experts: dict[str, dict[str, Tensor]] = {}
     heads: dict[str, nn.Module] = {}
+    adapters: dict[str, lora.LoraTaskVector] = {}
     for name, spec in pool.experts.items():
         where = f"pool.experts.{name}"
         try:
             if pool.family == "text" and lora.is_adapter_dir(spec):
-                experts[name] = _adapter_expert(spec, pretrained)
+                adapters[name] = lora.load_lora(spec, pretrained)  # the factors the methods merge
+                experts[name] = lora.merged_state_dict(pretrained, adapters[name])  # the expert's own body
                 head = _text_head(spec, family)
             elif lora.is_adapter_dir(spec):
                 raise InputError(f"{spec}: a LoRA adapter folder; family {pool.family!r} loads each expert's own "
@@ -311,7 +316,8 @@ def load_pool(pool: PoolConfig, *, data: bool = True) -> ModelPool:
                 raise InputError(f"pool.tasks.{name}: {exc}") from exc
         family.release_text_tower()
     return ModelPool(family=family, pretrained=pretrained, experts=experts, heads=heads,
-                     splits={t: {"test": d} for t, d in task_data.items()}, config=pool, data=task_data)
+                     splits={t: {"test": d} for t, d in task_data.items()}, config=pool, data=task_data,
+                     adapters=adapters)
 
 
 def load_pool_file(path: str | Path, *, data: bool = True) -> ModelPool:

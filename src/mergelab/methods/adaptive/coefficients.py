@@ -14,7 +14,11 @@ TIES- or DARE-processed (any mapping task -> key -> tensor, e.g. ``MergePlan.vec
 
 :class:`MergedParams` precomputes, per adapted tensor, the stack [T, *shape] of the task vectors, so
 that the merged tensor is one ``tensordot`` of the coefficients with the stack (and the gradient of
-every coefficient one dot product with the incoming gradient). Only tensors that (a) have a nonzero
+every coefficient one dot product with the incoming gradient). LoRA experts
+(:class:`~mergelab.core.lora.LoraTaskVector`, Hu et al. 2021, Eq. 3: tau_t = s_t B_t A_t) stay factored: a
+weight that only adapters touch is formed each step as ``W_0 + (U diag(lambda[task])) V`` with U = [s_1 B_1 | ...],
+V = [A_1; ...] (:class:`~mergelab.core.functional.FactoredStack`), exact and differentiable in lambda, and no
+dense task vector is held (``factored=False`` stacks the materialised s B A instead; docs/lora.md has the timings). Only tensors that (a) have a nonzero
 task vector for some task and (b) lie on the path from the input to the features (the BERT pooler
 does not, with mean pooling) get coefficients; the others are merged once with the fixed initial
 coefficient in layer-wise mode, with the task's learned coefficient in task-wise mode (for (a) they
@@ -35,7 +39,9 @@ from torch import Tensor, nn
 from mergelab.core import kernels
 from mergelab.core.errors import InputError
 from mergelab.core.figures import pyplot, save_figure
+from mergelab.core.functional import FactoredStack
 from mergelab.core.io import atomic_write_text
+from mergelab.core.lora import LoraTaskVector
 from mergelab.core.statedict import StateDict, is_mergeable
 
 GRANULARITIES = ("task", "layer")
@@ -196,7 +202,8 @@ class MergedParams(nn.Module):
     ``keys``: the tensors that get coefficients (default: every mergeable tensor with a nonzero task
     vector). Every other mergeable tensor is theta_0 + sum_t ``init`` * tau_t, computed once.
     ``forward()`` returns the adapted tensors only (for ``functional_call(..., strict=False)``);
-    ``state_dict_merged()`` the whole merged state dict, detached.
+    ``state_dict_merged()`` the whole merged state dict, detached. A key that no full task vector holds (only
+    LoRA experts adapt it) is kept factored unless ``factored=False``.
     """
 
     def __init__(
@@ -209,6 +216,7 @@ class MergedParams(nn.Module):
         init: float = 0.3,
         clamp: bool = True,
         device: str | torch.device | None = None,
+        factored: bool = True,
     ) -> None:
         super().__init__()
         if not vectors:
@@ -229,8 +237,14 @@ class MergedParams(nn.Module):
         self.vectors = vectors
         self._base: dict[str, Tensor] = {}
         self._stack: dict[str, Tensor] = {}
+        self._factors: dict[str, FactoredStack] = {}
+        lora = {t for t, v in vectors.items() if isinstance(v, LoraTaskVector)}
         for k in keys:
             self._base[k] = pretrained[k].detach().to(self.device, torch.float32)
+            if factored and lora and all(t in lora or k not in vectors[t] for t in tasks):
+                self._factors[k] = FactoredStack.from_lora(
+                    k, [vectors[t].modules.get(k) if t in lora else None for t in tasks], self.device)  # type: ignore[attr-defined]
+                continue
             self._stack[k] = torch.stack([
                 vectors[t][k].detach().to(self.device, torch.float32) if k in vectors[t]
                 else torch.zeros_like(self._base[k]) for t in tasks
@@ -247,7 +261,8 @@ class MergedParams(nn.Module):
     def forward(self) -> dict[str, Tensor]:
         """The adapted tensors theta^l(lambda) (float32, carrying the graph to the coefficients)."""
         lam = self.coefficients.values()
-        return {k: kernels.combine_stacked(self._base[k], self.coefficients.column(lam, k), self._stack[k])
+        return {k: self._base[k] + self._factors[k].update(self.coefficients.column(lam, k)) if k in self._factors
+                else kernels.combine_stacked(self._base[k], self.coefficients.column(lam, k), self._stack[k])
                 for k in self.keys}
 
     @torch.no_grad()

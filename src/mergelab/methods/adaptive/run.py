@@ -7,7 +7,9 @@
 - ``symerge``: SyMerge (Jung et al., arXiv 2412.19098): layer-wise coefficients learned jointly with one
   task-specific layer per task against the experts' own pseudo-labels.
 
-All read the evaluated tasks' inputs, never their labels (:mod:`.inputs`).
+All read the evaluated tasks' inputs, never their labels (:mod:`.inputs`). A pool's LoRA experts
+(``pool.adapters``) enter as their factors (:class:`~mergelab.methods.adaptive.coefficients.MergedParams`); the
+experts' own forward passes (SyMerge's pseudo-labels) run their bodies.
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergelab.core.statedict import task_vectors
 from mergelab.methods.adaptive.adamerging import DEFAULT_ADAMERGING_STEPS, adamerging, ties_vectors
 from mergelab.methods.adaptive.result import AdaptResult
 from mergelab.methods.adaptive.symerge import DEFAULT_SYMERGE_STEPS, PseudoLabels, symerge
-from mergelab.methods.registry import MethodOutput, register_method
+from mergelab.methods.lora import task_vectors_of
+from mergelab.methods.registry import MethodOutput, pool_experts, register_method
+
+
+def _vectors(pool, factored: bool = True):
+    """The pool's task vectors: a LoRA expert (``pool.adapters``) as its factors (``factored``) or materialised,
+    a full expert as theta_t - theta_0."""
+    return task_vectors_of(pool.pretrained, pool_experts(pool), factored=factored)
 
 
 class AdaMergingParams(BaseModel):
@@ -63,19 +71,19 @@ def _adamerging(pool, name: str, granularity: str, vectors, params: dict[str, An
                  summary="AdaMerging (Yang et al. 2024), task-wise: one coefficient per task, by entropy "
                          "minimisation on unlabeled test inputs")
 def _taskwise(pool, **params: Any) -> MethodOutput:
-    return _adamerging(pool, "adamerging_taskwise", "task", task_vectors(pool.pretrained, pool.bodies), params)
+    return _adamerging(pool, "adamerging_taskwise", "task", _vectors(pool), params)
 
 
 @register_method("adamerging_layerwise", kind="adaptive", needs="unlabeled", params=AdaMergingParams,
                  summary="AdaMerging (Yang et al. 2024), layer-wise: one coefficient per task and tensor")
 def _layerwise(pool, **params: Any) -> MethodOutput:
-    return _adamerging(pool, "adamerging_layerwise", "layer", task_vectors(pool.pretrained, pool.bodies), params)
+    return _adamerging(pool, "adamerging_layerwise", "layer", _vectors(pool), params)
 
 
 def _plusplus(pool, name: str, granularity: str, params: dict[str, Any]) -> MethodOutput:
     params = dict(params)
     density = params.pop("density", 0.2)
-    vectors = ties_vectors(task_vectors(pool.pretrained, pool.bodies), density)
+    vectors = ties_vectors(_vectors(pool, factored=False), density)  # TIES acts on each weight's s B A
     return _adamerging(pool, name, granularity, vectors, params)
 
 
@@ -102,6 +110,6 @@ def _symerge(pool, **params: Any) -> MethodOutput:
     if params.get("loss", "selflabel") == "selflabel" and hasattr(pool, "expert_features"):
         # each expert's hard label and confidence on its own task's inputs: a forward the run may already hold
         pseudo = {t: PseudoLabels.from_logits(pool.heads[t](pool.expert_features(t))) for t in texts}
-    res = symerge(pool.family, pool.pretrained, task_vectors(pool.pretrained, pool.bodies), pool.heads, texts,
+    res = symerge(pool.family, pool.pretrained, _vectors(pool), pool.heads, texts,
                   experts=pool.bodies, pseudo_labels=pseudo, seed=pool.seed, progress=pool.progress, **params)
     return _output(res)

@@ -28,7 +28,7 @@ from mergelab.core.batching import iter_batches, progress_bar
 from mergelab.core.errors import ParameterError
 from mergelab.methods.dynamic import router as R
 from mergelab.methods.dynamic.se_merging import MODES, SEMerging
-from mergelab.methods.registry import MethodOutput, plan, register_method
+from mergelab.methods.registry import MethodOutput, plan, pool_experts, register_method
 
 # modes that approximate the prototype rule (they route with prototypes, never with expert probes)
 PROTOTYPE_MODES = ("fast", "single-pass", "prototype-exact")
@@ -106,7 +106,9 @@ def run_se(pool, normalisation: str, **params: Any) -> MethodOutput:
         raise ParameterError('mode', f"parameter 'mode': {p.mode!r} approximates the prototype rule (se_prototype); "
                          f"this rule ({normalisation}) runs in 'exact', 'reference' or 'lowrank' mode")
     config = R.RouterConfig(layer=p.layer, normalisation=normalisation, temperature=p.temperature, mass=p.mass)
-    se = SEMerging(pool.family, pool.pretrained, plan(p.base, pool.pretrained, pool.bodies, **p.base_params),
+    # LoRA experts (pool.adapters) stay factored in the plan: the per-sample forward mixes s_t B_t (A_t x);
+    # the probes run each expert's own body
+    se = SEMerging(pool.family, pool.pretrained, plan(p.base, pool.pretrained, pool_experts(pool), **p.base_params),
                    pool.bodies, config)
     if normalisation == "prototype":
         se.calibrate(pool.calibration(p.calibration_size))

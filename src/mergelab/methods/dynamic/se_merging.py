@@ -24,6 +24,11 @@ Forward modes, all behind :meth:`SEMerging.features`:
   replaced by its rank-``lowrank_rank`` truncated SVD (:func:`~mergelab.core.functional.low_rank_factors`):
   exact for samples whose coefficients equal the base ones, and the per-sample part costs two thin
   products instead of a per-sample weight matrix. Biases, layer norms and embeddings stay exact.
+
+LoRA experts: a plan of Task Arithmetic or averaging over :class:`~mergelab.core.lora.LoraTaskVector` experts keeps
+their factors (:func:`mergelab.methods.plan`), and every mode above mixes them exactly in activation space,
+``W_0 x + sum_t C[b, t] s_t B_t (A_t x)`` (:class:`~mergelab.core.functional.FactoredStack`; ``"lowrank"``
+truncates only the dense task vectors). ``experts`` (the probes) are the experts' bodies, W_0 + s_t B_t A_t.
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ class SEMerging:
         self.static = plan.apply(self.pretrained)
         self.prototypes: Tensor | None = None
         self._group_cache: dict = {}  # the fast path's codebook ("codes"), its merged bodies ("models"), "key"
-        self._upper_keys = {k for k in self.stacked.tensors if family.layer_of_key(k) > self.config.layer}
+        self._upper_keys = {k for k in self.stacked.keys if family.layer_of_key(k) > self.config.layer}
 
     # ------------------------------------------------------------------ routing
     def representations(self, batch: Mapping[str, Tensor], config: RouterConfig | None = None) -> dict[str, Tensor | None]:
