@@ -114,11 +114,13 @@ class RayExecutor:
         return handle, record
 
     def cancel_all(self) -> None:
-        """Stop what is in flight (a sweep interrupted): cancelled trials write nothing and run again on restart."""
+        """Stop what is in flight (a sweep interrupted): a queued trial never starts, a running one gets a
+        KeyboardInterrupt (which the trial does not catch), so it writes nothing and runs again on restart. The
+        workers stay up (a killed driver's workers are ended by Ray itself)."""
         refs = list(self._refs)
         for ref in refs:
             try:
-                self.ray.cancel(ref, force=True)
+                self.ray.cancel(ref, force=False)
             except Exception:  # already finished
                 pass
         if refs:

@@ -92,9 +92,10 @@ def write_table(sweep_dir: Path, rows: list[tuple[Trial, dict[str, Any]]]) -> Pa
 
 def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, *, executor: str = "ray", address: str | None = None,
               num_cpus: int | None = None, retry_failed: bool = False, progress: bool = True, console=None,
-              on_result: Callable[[dict[str, Any]], None] | None = None) -> SweepRun:
-    """Run (or resume) the sweep ``cfg`` into ``sweep_dir``; returns what ran. ``on_result(record)`` is
-    called after each trial this run executed is stored (a test stops a sweep from it)."""
+              plots: bool = True, on_result: Callable[[dict[str, Any]], None] | None = None) -> SweepRun:
+    """Run (or resume) the sweep ``cfg`` into ``sweep_dir``; returns what ran. ``plots``: write the PNG plots
+    (the tables are always written). ``on_result(record)`` is called after each trial this run executed is
+    stored (a test stops a sweep from it)."""
     from rich.console import Console
 
     console = console or Console(stderr=True, quiet=not progress)
@@ -198,7 +199,7 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, *, executor: str = "ray",
         run.files["trials"] = write_table(sweep_dir, run.entries)
     from mergelab.experiment.sweep.report import write_sweep_outputs
 
-    run.files.update(write_sweep_outputs(cfg, run))
+    run.files.update(write_sweep_outputs(cfg, run, plots=plots))
     return run
 
 
