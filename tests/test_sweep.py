@@ -25,6 +25,7 @@ from mergelab.core.errors import InputError
 from mergelab.experiment.results import read_results
 from mergelab.experiment.sweep import parse_sweep_config, run_sweep
 from mergelab.experiment.sweep.studies import task_subsets
+from tests.test_bench_tiny import tiny_spec  # noqa: F401  (the tiny benchmark fixture)
 from tests.tiny_models import VOCAB, save_tiny_bert
 
 PLUGIN = str(Path(__file__).with_name("sweep_plugin.py"))
@@ -305,3 +306,32 @@ def test_ray_sweep_equals_inline_resumes_and_records_failures(storage: Path, inl
     assert ran_on == {"ray"} and os.getpid() not in {r.get("pid") for r in ray_recs.values()}  # Ray workers
     failed = [r for r in ray_recs.values() if r["status"] == "failed"]
     assert len(failed) == 3 and all("explode_test refuses scaling 0.9" in r["error"] for r in failed)
+
+
+def test_benchmark_pool_with_adaptive_and_dynamic_methods_on_subsets(tiny_spec, tmp_path: Path) -> None:  # noqa: F811
+    """A named benchmark as the pool (experts trained into the cache by the reference trial, then read from it):
+    SyMerge runs with the benchmark's reduced steps on each subset, SE-Merging's fast path routes among the
+    subset's experts only, Task Arithmetic searches its scaling inside the trial."""
+    from mergelab.pools.benchmarks import BENCHMARKS, register_benchmark
+
+    register_benchmark(tiny_spec, overwrite=True)
+    try:
+        cfg = parse_sweep_config(json.dumps({
+            "name": "tb", "benchmark": {"name": "tiny", "cache": str(tmp_path / "cache")},
+            "methods": [{"name": "task_arithmetic", "scaling_grid": [0.3, 0.6]}, {"name": "symerge"},
+                        {"label": "se_fast", "name": "se_prototype",
+                         "params": {"base": "task_arithmetic", "base_params": {"scaling": 0.3}, "mode": "fast"}}],
+            "subsets": {"sizes": [2, 3], "max_per_size": 1}}))
+        run = run_sweep(cfg, tmp_path / "sweep", executor="inline", progress=False, plots=False)
+    finally:
+        BENCHMARKS.pop("tiny", None)
+    recs = [r for r in records(tmp_path / "sweep").values() if r["kind"] == "trial"]
+    assert run.complete and not run.failed and len(recs) == 3 * 2
+    assert (tmp_path / "cache" / "experts").is_dir()  # the reference trial filled the shared cache
+    for r in recs:
+        assert list(r["per_task"]) == r["tasks"]
+        if r["method"] == "symerge":
+            assert r["params_run"]["steps"] == dict(tiny_spec.adaptive_steps)["symerge"]
+            assert set(r["params_run"]["coefficient_mean"]) == set(r["tasks"])
+        if r["method"] == "task_arithmetic":
+            assert r["inner_search"]["grid"] == [0.3, 0.6] and r["params_run"]["scaling"] == r["inner_search"]["best"]

@@ -40,7 +40,8 @@ def study_rows(run) -> list[dict[str, Any]]:
                                and r.get("status") == "ok"), None)
         points = p.told if not p.searches else []
         out.append({"label": s.label, "method": s.entry.name, "tasks": list(s.tasks), "seed": s.seed,
-                    "mode": s.mode if p.searches else "fixed", "trials": len(p.told),
+                    "mode": s.mode if p.searches else ("scaling grid" if s.entry.scaling_grid else "fixed"),
+                    "trials": len(p.told),
                     "failed": sum(1 for _, r in p.told if r.get("status") == "failed"),
                     "record": final, "validation": chosen_val, "points": points, "done": p.done,
                     "searches": p.searches})
@@ -165,8 +166,16 @@ def studies_cells(run) -> tuple[list[str], list[list[str]]]:
                      f"{st['trials']} ({st['failed']})", _pct(st["validation"]),
                      _pct(rec.get("average")) if ok else ("failed" if rec else "-"),
                      _pct(rec.get("normalized_average")) if ok else "-",
-                     _params(rec.get("params_run") or rec.get("params")) if rec else "-"])
+                     _params(shown_params(st["method"], rec)) if rec else "-"])
     return header, rows
+
+
+def shown_params(method: str, rec: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A static method's parameters as run (defaults and an inside-trial scaling search filled in); another
+    method's as the study gave them (its run parameters hold timings and learned summaries)."""
+    if _kind(method) == "static":
+        return rec.get("params_run") or rec.get("params")
+    return rec.get("params")
 
 
 def _pct(x: float | None) -> str:
@@ -330,7 +339,7 @@ def sweep_sections(run_dir: Path) -> list[tuple[str, list[str], list[list[str]]]
         rows.append([st["label"], ",".join(st["tasks"]), str(st["seed"]), st["mode"], f"{st['trials']} ({st['failed']})",
                      _pct(st.get("validation")), _pct(rec.get("average")) if ok else "-",
                      _pct(rec.get("normalized_average")) if ok else "-",
-                     _params(rec.get("params_run") or rec.get("params"))])
+                     _params(shown_params(st["method"], rec))])
     out.append(("Studies", ["study", "tasks", "seed", "search", "trials (failed)", "validation avg", "test avg",
                             "normalised", "selected parameters"], rows))
     return out
