@@ -27,7 +27,7 @@ from mergelab.core.errors import InputError
 from mergelab.experiment.sweep.config import SweepConfig, pool_key
 from mergelab.experiment.sweep.executor import make_executor
 from mergelab.experiment.sweep.studies import Planner, make_planner, plan_studies
-from mergelab.experiment.sweep.trial import Trial, reference_trial
+from mergelab.experiment.sweep.trial import Trial, reference_trial, write_record
 
 
 class SweepStore:
@@ -176,6 +176,8 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, *, executor: str = "ray",
             while inflight:
                 handle, rec = ex.next_done()
                 tid = by_handle.pop(handle)
+                if not (sweep_dir / "trials" / f"{tid}.json").is_file():  # a worker whose disk is not the driver's
+                    write_record(sweep_dir, rec)
                 store.add(rec)
                 run.ran.append(tid)
                 bar.advance(job)
