@@ -174,8 +174,11 @@ def test_cli_refuses_bad_input_with_status_2(storage: Path, tmp_path: Path) -> N
     res = runner.invoke(app, ["sweep", str(bad), "--executor", "inline", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "methods[0].name: unknown method 'task_arithmetc'" in res.output
     assert "Traceback" not in res.output
-    res = runner.invoke(app, ["sweep", str(bad), "--executor", "dask"])
-    assert res.exit_code == 2 and "Traceback" not in res.output
+    good = tmp_path / "good.yaml"
+    good.write_text(sweep_yaml(storage))
+    res = runner.invoke(app, ["sweep", str(good), "--executor", "dask", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--executor 'dask': expected one of ray, inline" in res.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_inline_sweep_tables_selection_and_subsets(inline_run) -> None:

@@ -255,7 +255,7 @@ def sweep(
     from mergelab.experiment.sweep.report import task_count_cells
 
     run = sweep_command(config, out, executor=executor, address=address, num_cpus=num_cpus, retry_failed=retry_failed,
-                        quiet=quiet, console=err_console)
+                        quiet=quiet, console=Console(stderr=True, quiet=quiet, soft_wrap=True))
     results = json.loads(run.files["json"].read_text(encoding="utf-8"))
     if len(results["methods"]) > 2:
         console.print(rich_table(results))

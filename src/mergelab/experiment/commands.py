@@ -240,7 +240,10 @@ def sweep_command(config: Path, out: Path | None, *, executor: str = "ray", addr
     :class:`~mergelab.experiment.sweep.SweepRun`."""
     from mergelab.experiment.report_page import render_report
     from mergelab.experiment.sweep import load_sweep_config, run_sweep
+    from mergelab.experiment.sweep.executor import EXECUTORS
 
+    if executor not in EXECUTORS:
+        raise InputError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
     if num_cpus is not None and num_cpus < 1:
         raise InputError(f"--num-cpus must be a positive integer, got {num_cpus}")
     if executor == "inline" and num_cpus is not None:

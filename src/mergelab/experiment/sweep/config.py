@@ -330,6 +330,9 @@ def check_sweep(cfg: SweepConfig, where: str = "<sweep>", lines: Mapping[Loc, in
             fail((*at, "name"), f"unknown method {entry.name!r}; expected one of {', '.join(methods.available())}")
         info = methods.get(entry.name)
         label = entry.study_label
+        if label in ("individual", "pretrained"):
+            fail((*at, "label") if entry.label else at, f"{label!r} names a reference row of the results; give the "
+                 "entry another 'label'")
         if label in seen:
             fail((*at, "label") if entry.label else at, f"study {label!r} is already methods[{seen[label]}]; give "
                  "each entry its own 'label'")
