@@ -159,6 +159,8 @@ def test_task_subsets_every_subset_or_a_seeded_sample() -> None:
     ({"subsets": {"sizes": [2, 5]}}, r"subsets\.sizes\[1\]: a subset of 5 tasks; the pool has 4"),
     ({"search": {"sampler": "bayes"}}, r"search\.sampler: expected 'tpe', 'cmaes' or 'random'"),
     ({"resources": {"gpus": -1}}, r"resources\.gpus: .*greater than or equal to 0"),
+    ({"evaluation": {"validation_per_task": 0}}, r"tiny.yaml:3: evaluation\.validation_per_task: 0 holds out no "
+                                                 r"validation data, and methods\[0, 1\] choose"),
 ])
 def test_bad_sweep_files_name_the_key(storage: Path, change: dict, message: str) -> None:
     text = json.loads(sweep_yaml(storage))

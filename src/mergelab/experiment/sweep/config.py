@@ -322,6 +322,11 @@ def check_sweep(cfg: SweepConfig, where: str = "<sweep>", lines: Mapping[Loc, in
                 fail(("subsets", "sizes", j), f"a subset of {k} tasks; the pool has {len(tasks)} ({', '.join(tasks)})")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         fail(("seeds",), f"a seed twice in {cfg.seeds}")
+    searching = [i for i, e in enumerate(cfg.methods) if e.scaling_grid or (e.select == "validation" and any(
+        isinstance(v, list) and len(v) > 1 or is_range(v) for v in e.params.values()))]
+    if cfg.pool is not None and cfg.evaluation.validation_per_task == 0 and searching:
+        fail(("evaluation", "validation_per_task"), f"0 holds out no validation data, and methods{searching} choose "
+             "their parameters on it; hold out some examples per task (e.g. 32)")
     seen: dict[str, int] = {}
     pre, experts = _synthetic_pool(tasks)
     for i, entry in enumerate(cfg.methods):

@@ -76,12 +76,12 @@ class RayExecutor:
         self.started = False
         env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                      "runtime_env": {"env_vars": env} if env else None}
-            if address:
-                ray.init(address=address, **kwargs)
+            runtime_env = {"env_vars": env} if env else None
+            if address:  # "HOST:6379", "auto" or "ray://HOST:10001" (Ray Client)
+                ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
             else:
-                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                         runtime_env=runtime_env)
             self.started = True
         elif address:
             ctx = ray.get_runtime_context()
