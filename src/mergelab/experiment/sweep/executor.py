@@ -78,7 +78,11 @@ class RayExecutor:
         if not ray.is_initialized():
             runtime_env = {"env_vars": env} if env else None
             if address:  # "HOST:6379", "auto" or "ray://HOST:10001" (Ray Client)
-                ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+                try:
+                    ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    raise InputError(f"--address {address}: cannot join that Ray cluster ({exc}); is `ray start "
+                                     "--head` running there, and is the port reachable?") from None
             else:
                 ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                          runtime_env=runtime_env)
