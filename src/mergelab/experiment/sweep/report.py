@@ -44,6 +44,8 @@ def study_rows(run) -> list[dict[str, Any]]:
                     "trials": len(p.told),
                     "failed": sum(1 for _, r in p.told if r.get("status") == "failed"),
                     "record": final, "validation": chosen_val, "points": points, "done": p.done,
+                    "seconds": round(sum(r.get("seconds") or 0.0 for _, r in p.told)
+                                     + ((p.final_record or {}).get("seconds") or 0.0), 3),
                     "searches": p.searches})
     return out
 
@@ -74,10 +76,9 @@ def results_dict(cfg: SweepConfig, run) -> dict[str, Any]:
         if st["tasks"] != tasks or rec is None or rec.get("status") != "ok":
             continue
         name = st["label"] + (f"@seed={st['seed']}" if seeds else "")
-        seconds = sum(r.get("seconds") or 0 for _, r in st["points"]) if not st["searches"] else 0.0
         rows[name] = {"per_task": rec["per_task"], "average": rec["average"],
                       "normalized_average": rec.get("normalized_average"),
-                      "seconds": round(seconds or rec.get("seconds") or 0.0, 3), "params": rec.get("params_run") or rec["params"],
+                      "seconds": st["seconds"], "params": rec.get("params_run") or rec["params"],
                       "method": st["method"], "kind": _kind(st["method"]), "data": _data(st),
                       "sweep": {"search": st["mode"], "trials": st["trials"], "failed": st["failed"],
                                 "validation_average": st["validation"], "seed": st["seed"]}}

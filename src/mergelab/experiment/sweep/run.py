@@ -105,8 +105,6 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, *, executor: str = "ray",
     check_output_path(sweep_dir, inputs)
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise InputError(f"sweep folder {sweep_dir}: exists and is not a folder")
-    (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
-    _write_config(cfg, sweep_dir)
     source = cfg.pool_source()
     pkey = pool_key(source)
     steps: dict[str, int] = {}
@@ -114,9 +112,15 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, *, executor: str = "ray",
         from mergelab.pools.benchmarks import get_benchmark
 
         steps = dict(get_benchmark(cfg.benchmark.name).adaptive_steps or ())
-    planners = [make_planner(s) for s in plan_studies(cfg, pkey, steps)]
+    planners = [make_planner(s) for s in plan_studies(cfg, pkey, steps)]  # Optuna missing: refused here
     store = SweepStore(sweep_dir, retry_failed)
-    ex = make_executor(executor, address=address, num_cpus=num_cpus)
+    ex = make_executor(executor, address=address, num_cpus=num_cpus)  # before the folder: a refusal leaves none
+    try:
+        (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
+        _write_config(cfg, sweep_dir)
+    except BaseException:
+        ex.close()
+        raise
     res = cfg.resources
     base = {"source": source, "sweep_dir": str(sweep_dir), "plugins": list(cfg.plugins),
             "threads": max(1, int(res.cpus))}
