@@ -231,6 +231,7 @@ def test_inline_sweep_tables_selection_and_subsets(inline_run) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
     assert "Normalised accuracy by number of tasks" in report and "task_count.png" in report
+    assert "## Environment" in report and "## Configuration" in report
     assert "normalised test accuracy (%) by number of tasks" in output and "3 failed" in output
 
 

@@ -4,6 +4,7 @@ The sweep folder::
 
     sweep.json         the resolved config, the pool, the studies and what this run did (written at the end)
     config.yaml        the resolved config
+    environment.json   the driver's versions, command and git commit, the executor
     trials/<id>.json   one record per trial, written atomically by the trial itself (in its Ray worker)
     trials.jsonl       every trial of the plan in plan order (rebuilt from trials/ as results come in)
     results.json       the studies on the whole task set, as a mergelab results file (``mergelab report``)
@@ -118,6 +119,7 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, *, executor: str = "ray",
     try:
         (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
         _write_config(cfg, sweep_dir)
+        _write_environment(sweep_dir, ex)
     except BaseException:
         ex.close()
         raise
@@ -207,6 +209,21 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, *, executor: str = "ray",
 
     run.files.update(write_sweep_outputs(cfg, run, plots=plots))
     return run
+
+
+def _write_environment(sweep_dir: Path, ex) -> None:
+    """The driver's environment (versions, command, git commit) and the executor's (Ray's version and CPUs)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mergelab.experiment.rundir import environment
+
+    env = {**environment("cpu"), "executor": ex.name, "cpu_slots": ex.slots}
+    for pkg in ("ray", "optuna"):
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    atomic_write_text(sweep_dir / "environment.json", json.dumps(env, indent=2) + "\n")
 
 
 def _write_config(cfg: SweepConfig, sweep_dir: Path) -> None:
