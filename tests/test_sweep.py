@@ -247,6 +247,14 @@ def test_same_config_and_seed_same_trials(storage: Path, inline_run, tmp_path: P
     run_sweep(other, tmp_path / "seed1", executor="inline", progress=False, plots=False)
     ids = {r["id"] for r in records(tmp_path / "seed1").values() if r.get("split") == "validation"}
     assert ids and not ids & set(records(inline_run[0]))
+    # CMA-ES over the same per-task space: its own trials, inside the range, one value per task
+    cma = json.loads(sweep_yaml(storage))["methods"][1] | {"sampler": "cmaes"}
+    run = run_sweep(parse_sweep_config(sweep_yaml(storage, methods=[cma])), tmp_path / "cma", executor="inline",
+                    progress=False, plots=False)
+    val = [r for r in records(tmp_path / "cma").values() if r.get("split") == "validation"]
+    assert run.complete and len(val) == 3 * 4 and not {r["id"] for r in val} & set(records(inline_run[0]))
+    assert all(set(r["params"]["scaling"]) == set(r["tasks"]) and 0 <= min(r["params"]["scaling"].values())
+               and max(r["params"]["scaling"].values()) <= 1 for r in val)
 
 
 def _without_run_fields(a: dict, b: dict) -> dict:
