@@ -82,13 +82,20 @@ def load_plugins(paths: Sequence[str]) -> None:
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise InputError(f"plugin {p}: not a Python file")
+        from mergelab import methods
+
+        before = set(methods.available())
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as exc:
+        except BaseException as exc:  # half-imported (an error, or a trial cancelled mid-import): undo it all
             sys.modules.pop(name, None)
-            raise InputError(f"plugin {p}: {type(exc).__name__}: {exc}") from exc
+            for added in set(methods.available()) - before:
+                methods.unregister(added)
+            if isinstance(exc, Exception):
+                raise InputError(f"plugin {p}: {type(exc).__name__}: {exc}") from exc
+            raise
         _PLUGINS[path] = name
 
 
