@@ -7,6 +7,7 @@ culprit and exits with status 2, never with a traceback.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,54 @@ def bench(
     results, _, files = bench_run(cfg, out, name=config.stem if config is not None else None, quiet=quiet)
     console.print(rich_table(results))
     console.print(f"results: {files} ({results['seconds_total']:.0f}s)", highlight=False)
+
+
+@app.command()
+@input_errors_exit_2
+def sweep(
+    config: Path = typer.Argument(..., help="YAML sweep file: benchmark or pool, methods and their parameter spaces, subsets, seeds, search, resources."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Sweep folder (default runs/sweeps/<name>); give the same one to resume."),
+    address: str | None = typer.Option(None, "--address", help="Join this Ray cluster (e.g. HEAD:6379 or ray://HEAD:10001) instead of starting a local Ray."),
+    executor: str = typer.Option("ray", "--executor", help="ray (each trial a Ray task) or inline (every trial in this process, no Ray)."),
+    num_cpus: int | None = typer.Option(None, "--num-cpus", help="CPUs of the local Ray this command starts (default: this machine's cores)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run the trials recorded as failed again (default: keep their error)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or lines."),
+) -> None:
+    """Run a sweep: methods x parameters x task subsets x seeds, as a grid, random draws or an Optuna search.
+
+    Each trial is a Ray task with the CPUs and GPUs of the config's `resources`; without --address a
+    local Ray with this machine's cores is started. Each trial writes its record into SWEEP/trials/ as it
+    finishes: run the same command again to resume (finished trials are skipped; failed ones are kept
+    unless --retry-failed). Writes trials.jsonl, results.json, results.md, PNG plots and report.md/.html.
+
+    Examples:
+
+        mergelab sweep configs/sweeps/text5_per_task.yaml --out runs/sweeps/per-task
+
+        mergelab sweep configs/sweeps/text5_task_count.yaml --address head-node:6379 --out /shared/sweeps/tc
+
+    docs/cluster.md: the file's fields, and running on a multi-node GPU cluster.
+    """
+    from mergelab.experiment.commands import sweep_command
+    from mergelab.experiment.report import rich_table
+    from mergelab.experiment.sweep.report import task_count_cells
+
+    run = sweep_command(config, out, executor=executor, address=address, num_cpus=num_cpus, retry_failed=retry_failed,
+                        quiet=quiet, console=Console(stderr=True, quiet=quiet, soft_wrap=True))
+    results = json.loads(run.files["json"].read_text(encoding="utf-8"))
+    if len(results["methods"]) > 2:
+        console.print(rich_table(results))
+    header, rows = task_count_cells(run)
+    if rows and len(header) > 2:
+        table = Table(title="normalised test accuracy (%) by number of tasks", title_justify="left")
+        for h in header:
+            table.add_column(h, justify="left" if h == "method" else "right")
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+    console.print(f"{len(run.ran)} trial(s) ran, {len(run.skipped)} found done, {len(run.failed)} failed"
+                  f"{'' if run.complete else ' (INCOMPLETE)'} in {run.seconds:.0f}s -> {run.sweep_dir}/"
+                  "{trials.jsonl, results.md, results.json, report.html}", highlight=False, soft_wrap=True)
 
 
 @app.command()

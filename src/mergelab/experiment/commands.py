@@ -5,6 +5,8 @@
 - :func:`merge_config_run`: ``mergelab merge --config`` (a pool's static sweep, each merged model saved);
 - :func:`bench_run`: ``mergelab bench`` on a named benchmark, on a user's task files, or on a pool
   config (``pool:`` + ``evaluation:``): every case through :func:`~mergelab.experiment.runner.run_pool`;
+- :func:`sweep_command`: ``mergelab sweep CONFIG`` (studies over methods, parameters, task subsets and seeds,
+  in this process or on Ray; :mod:`mergelab.experiment.sweep`);
 - :func:`analyze_run`: ``mergelab analyze`` on a named benchmark or a pool config (:func:`pool_or_benchmark`,
   also ``mergelab adapt``'s pool); :func:`check_probe_layers`: probe layers against the backbone's depth.
 """
@@ -237,6 +239,31 @@ def pool_or_benchmark(config: Path | None, benchmark: str, cache: Path | None, *
     from mergelab.pools.benchmarks import get_benchmark
 
     return load_context(get_benchmark(benchmark), cache_dir=cache, progress=progress, console=console)
+
+
+def sweep_command(config: Path, out: Path | None, *, executor: str = "ray", address: str | None = None,
+                  num_cpus: int | None = None, retry_failed: bool = False, quiet: bool = False, console=None):
+    """``mergelab sweep``: load and check the sweep file, run (or resume) it into ``out`` (default
+    ``runs/sweeps/<name>``), write its tables and plots and the report; returns the
+    :class:`~mergelab.experiment.sweep.SweepRun`."""
+    from mergelab.experiment.report_page import render_report
+    from mergelab.experiment.sweep import load_sweep_config, run_sweep
+    from mergelab.experiment.sweep.executor import EXECUTORS
+
+    if executor not in EXECUTORS:
+        raise InputError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if num_cpus is not None and num_cpus < 1:
+        raise InputError(f"--num-cpus must be a positive integer, got {num_cpus}")
+    if executor == "inline" and num_cpus is not None:
+        raise InputError("--num-cpus sizes the local Ray; drop it with --executor inline")
+    if address and num_cpus is not None:
+        raise InputError("--num-cpus sizes a local Ray; a cluster joined with --address has its own")
+    cfg = load_sweep_config(config)
+    sweep_dir = Path(out) if out is not None else Path("runs") / "sweeps" / str(cfg.name)
+    run = run_sweep(cfg, sweep_dir, executor=executor, address=address, num_cpus=num_cpus, retry_failed=retry_failed,
+                    progress=not quiet, console=console)
+    run.files.update({f"report_{k}": v for k, v in render_report(run.sweep_dir).items()})
+    return run
 
 
 ANALYSIS_CALIBRATION = 32  # calibration examples per task the analyses read first (run_analysis' n_calib)

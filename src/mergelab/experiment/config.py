@@ -223,9 +223,9 @@ def _is_dict(annotation: Any) -> bool:
     return get_origin(annotation) is dict or any(get_origin(a) is dict for a in get_args(annotation))
 
 
-def _model_at(loc: Loc) -> type[BaseModel] | None:
+def _model_at(loc: Loc, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The pydantic model whose field set applies at ``loc`` (for 'unknown field' messages)."""
-    model: Any = RunConfig
+    model: Any = root or RunConfig
     skip = False
     for part in loc:
         if skip or isinstance(part, int):  # a dict key or a list index: the item type is already unwrapped
@@ -239,11 +239,11 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
     return model
 
 
-def _describe(err: Mapping[str, Any]) -> str:
+def _describe(err: Mapping[str, Any], root: type[BaseModel] | None = None) -> str:
     kind, loc = err["type"], tuple(err["loc"])
     got = err.get("input")
     if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
+        model = _model_at(loc[:-1], root)
         allowed = f"; expected one of: {', '.join(model.model_fields)}" if model is not None else ""
         return f"unknown field{allowed}"
     if kind == "missing":
@@ -253,6 +253,49 @@ def _describe(err: Mapping[str, Any]) -> str:
     if kind.endswith("_type") or kind.endswith("_parsing") or kind.startswith(("greater", "less")):
         msg += f", got {json.dumps(got, default=str)}"
     return msg
+
+
+def validation_message(exc: ValidationError, where: str, lines: Mapping[Loc, int],
+                       root: type[BaseModel] | None = None) -> str:
+    """``FILE:LINE: FIELD: what was expected`` for the first three errors of a model validation (``root``: the
+    model validated, default :class:`RunConfig`)."""
+    errors = exc.errors()
+    msgs = [f"{where}:{_line(lines, tuple(e['loc']))}: {_fmt(tuple(e['loc']))}: {_describe(e, root)}"
+            for e in errors[:3]]
+    return "; ".join(msgs) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
+
+
+def read_yaml(text: str, where: str, *, empty: str) -> tuple[Any, dict[Loc, int]]:
+    """YAML ``text`` (YAML 1.2 numbers) and the line of each field path; a syntax error, an empty file, a
+    duplicate key or a top level that is not a mapping is refused naming ``where`` and the line."""
+    try:
+        node = yamlio.compose(text)
+        data = yamlio.load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}{line}: not valid YAML ({exc.problem or exc.context})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({exc})") from None
+    if node is None or data is None:
+        raise ConfigError(f"{where}: empty configuration; expected {empty}")
+    lines = _node_lines(node, where)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}:1: expected a mapping (key: value lines) at the top level, got {type(data).__name__}")
+    return data, lines
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of a configuration file; a missing file, a folder or another encoding is refused."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such configuration file")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; expected a YAML configuration file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -265,41 +308,18 @@ def load_config(path: str | Path, *, check_methods: bool = True) -> RunConfig:
     was expected``.
     """
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such configuration file")
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a folder; expected a YAML configuration file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    text = read_text(path)
     return parse_config(text, where=str(path), base=path.parent.resolve(), check_methods=check_methods)
 
 
 def parse_config(text: str, *, where: str = "<config>", base: str | Path | None = None,
                  check_methods: bool = True) -> RunConfig:
     """Validate YAML ``text``; ``where`` names it in messages, ``base`` anchors relative pool paths."""
-    try:
-        node = yamlio.compose(text)
-        data = yamlio.load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{where}{line}: not valid YAML ({exc.problem or exc.context})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML ({exc})") from None
-    if node is None or data is None:
-        raise ConfigError(f"{where}: empty configuration; expected a mapping with 'pool' and 'methods', or 'benchmark'")
-    lines = _node_lines(node, where)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}:1: expected a mapping (key: value lines) at the top level, got {type(data).__name__}")
+    data, lines = read_yaml(text, where, empty="a mapping with 'pool' and 'methods', or 'benchmark'")
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        msgs = [f"{where}:{_line(lines, tuple(e['loc']))}: {_fmt(tuple(e['loc']))}: {_describe(e)}" for e in errors[:3]]
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise ConfigError("; ".join(msgs) + more) from None
+        raise ConfigError(validation_message(exc, where, lines)) from None
     if cfg.pool is not None and base is not None:
         cfg = cfg.model_copy(update={"pool": cfg.pool.resolve_relative(base)})
     if cfg.benchmark is not None and base is not None:
@@ -433,4 +453,5 @@ def sweep(cfg: RunConfig) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 __all__ = ["BenchmarkConfig", "ConfigError", "EvaluationConfig", "MethodSpec", "OutputsConfig", "RunConfig", "benchmark_rows",
+           "read_text", "read_yaml", "validation_message",
            "check_methods_against_registry", "load_config", "parse_config", "run_label", "sweep"]

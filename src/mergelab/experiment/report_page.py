@@ -1,7 +1,8 @@
 """``mergelab report RUN_DIR``: one page (Markdown and self-contained HTML) for a run directory.
 
 It reads what ``bench`` (``results.json`` with accuracies), ``merge --config`` (``results.json`` with
-merges), ``adapt`` (``result.json``) and ``analyze`` (JSON and PNG files) leave in a folder, and writes
+merges), ``adapt`` (``result.json``), ``analyze`` (JSON and PNG files) and ``sweep`` (``results.json`` of the
+studies on all tasks, ``sweep.json`` with every study and the task-count table) leave in a folder, and writes
 
 - ``report.md``: the tables, with the images referenced by relative paths;
 - ``report.html``: the same page with every image embedded (base64), readable without the folder;
@@ -43,6 +44,9 @@ KNOWN_PLOTS: dict[str, str] = {
     "probe_sweep.png": "SE-Merging accuracy and cost per probe layer (validation).",
     "cost.png": "Inference cost relative to the static merged model.",
     "coefficients.png": "Learned merging coefficients of test-time adaptation (task x tensor).",
+    "task_count.png": "Sweep: normalised test accuracy against the number of tasks merged, per method (mean over the "
+                      "subsets of each size, band: one standard deviation, dots: each subset).",
+    "search_history.png": "Sweep: validation accuracy of each trial of each search on all tasks, and the best so far.",
 }
 SKIP_DIRS = {"models", "heads"}
 
@@ -268,6 +272,11 @@ def render_report(run_dir: str | Path) -> dict[str, Path]:
         coef = coefficient_panel(acc, run_dir / "report_coefficients.png")
         if coef is not None:
             files["coefficients_png"] = coef
+    if (run_dir / "sweep.json").is_file():  # mergelab sweep: the task-count and studies tables
+        from mergelab.experiment.sweep.report import sweep_sections
+
+        for name, header, rows in sweep_sections(run_dir):
+            sections.append((name, _md_table(header, rows), _html_table(header, rows)))
     if merges is not None:
         from mergelab.experiment.rundir import merge_plot
 

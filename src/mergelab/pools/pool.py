@@ -187,6 +187,26 @@ class ModelPool:
             raise InputError(f"no data for task {task!r}: add pool.tasks.{task}")
         return list(self.data[task].inputs)
 
+    def restrict(self, tasks: list[str] | tuple[str, ...]) -> ModelPool:
+        """The same pool on ``tasks`` only (in that order): their experts, heads, splits, data and expert
+        records, nothing of the other tasks. The tensors are shared, not copied. A sweep's task subsets
+        (``mergelab sweep``'s ``subsets``) are such pools, so every method sees only the subset's experts."""
+        unknown = [t for t in tasks if t not in self.experts]
+        if unknown or not tasks:
+            raise InputError(f"task subset {list(tasks)}: the pool's tasks are {self.tasks}"
+                             + (f"; unknown {unknown}" if unknown else "; a subset needs at least one task"))
+        if len(set(tasks)) != len(tasks):
+            raise InputError(f"task subset {list(tasks)} names a task twice")
+
+        def only(d: dict) -> dict:
+            return {t: d[t] for t in tasks if t in d}
+
+        config = None if self.config is None else self.config.model_copy(
+            update={"experts": only(self.config.experts), "tasks": only(self.config.tasks)})
+        return ModelPool(family=self.family, pretrained=self.pretrained, experts=only(self.experts),
+                         heads=only(self.heads), splits=only(self.splits), name=self.name, config=config,
+                         data=only(self.data), expert_meta=only(self.expert_meta))
+
     def hold_out(self, validation_per_task: int, limit: int | None = None) -> dict[str, dict[str, Any]]:
         """Split each task's one data set: its first ``validation_per_task`` examples are the
         ``validation`` split (the labeled data a searched row reads, and the calibration inputs of
