@@ -604,3 +604,21 @@ def test_report_draws_routing_and_learned_coefficients_from_bench_results(tmp_pa
         check_png(tmp_path / png)
         assert f"]({png})" in md
     assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == 3
+
+
+def test_bench_steps_override_the_benchmarks_adaptation_budget(tiny_benchmark, tmp_path):
+    result = runner.invoke(app, ["bench", "-b", "tiny-cli", "--row", "adamerging_taskwise", "--steps",
+                                 "adamerging_taskwise=2", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 0, result.output
+    from mergelab.experiment.config import load_config
+    from mergelab.experiment.results import read_results
+
+    assert read_results(tmp_path / "run" / "results.json").methods["adamerging_taskwise"].params["steps"] == 2
+    assert load_config(tmp_path / "run" / "config.yaml").benchmark.steps == {"adamerging_taskwise": 2}
+    for bad, says in (("ties=3", "'ties' is no adaptive method"), ("symerge=-1", "non-negative integer"),
+                      ("symerge", "expected METHOD=N")):
+        assert_one_line_exit_2(runner.invoke(app, ["bench", "--steps", bad, "--out", str(tmp_path / "r")]), says)
+    assert not (tmp_path / "r").exists()
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("benchmark:\n  name: text5\n  steps: {average: 3}\n")
+    assert_one_line_exit_2(runner.invoke(app, ["bench", "-c", str(cfg)]), "is no adaptive method")

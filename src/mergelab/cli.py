@@ -128,6 +128,25 @@ def parse_experts(items: list[str], what: str = "--expert") -> dict[str, str]:
     return experts
 
 
+def _parse_steps(items: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if not sep or not name.strip() or n < 0:
+            raise InputError(f"--steps {item!r}: expected METHOD=N with N a non-negative integer, e.g. --steps symerge=150")
+        from mergelab import methods
+
+        if name.strip() not in methods.available("adaptive"):
+            raise InputError(f"--steps {item!r}: {name.strip()!r} is no adaptive method; adaptive: "
+                             f"{', '.join(methods.available('adaptive'))}")
+        out[name.strip()] = n
+    return out
+
+
 @app.command()
 @input_errors_exit_2
 def merge(
@@ -196,6 +215,7 @@ def bench(
     cache: Path | None = typer.Option(None, "--cache", help="Expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)."),
     row: list[str] | None = typer.Option(None, "--row", help="Only these method rows (repeatable)."),
     task: list[str] | None = typer.Option(None, "--task", help="NAME=PATH of your own task (CSV, JSONL or saved dataset); repeatable; replaces the benchmark's tasks."),
+    steps: list[str] | None = typer.Option(None, "--steps", help="METHOD=N adaptation steps of an adaptive method, over the benchmark's (e.g. adamerging_layerwise=500); repeatable."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML run configuration with a 'benchmark' section (replaces the flags above but --out)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -210,6 +230,8 @@ def bench(
 
         mergelab bench --benchmark text5 --out runs/text5   # every row
 
+        mergelab bench --benchmark text5 --steps adamerging_layerwise=500   # AdaMerging's paper budget
+
         mergelab bench --task reviews=reviews.csv --task news=news.jsonl --out runs/mine
 
         mergelab bench --config configs/text5.yaml
@@ -219,11 +241,12 @@ def bench(
 
     if config is not None:
         given = [f for f, v in (("--benchmark", benchmark != DEFAULT_BENCHMARK), ("--cache", cache), ("--row", row),
-                                ("--task", task)) if v]
+                                ("--task", task), ("--steps", steps)) if v]
         if given:
             raise InputError(f"--config describes the benchmark or pool; drop {', '.join(given)}")
     cfg = bench_config(config, benchmark=benchmark, cache=cache, rows=row,
-                       tasks=parse_experts(task, what="--task") if task else None)
+                       tasks=parse_experts(task, what="--task") if task else None,
+                       steps=_parse_steps(steps or []))
     results, _, files = bench_run(cfg, out, name=config.stem if config is not None else None, quiet=quiet)
     console.print(rich_table(results))
     console.print(f"results: {files} ({results['seconds_total']:.0f}s)", highlight=False)

@@ -140,7 +140,8 @@ def _logged_with_report(run_dir: Path, cfg: RunConfig, quiet: bool, body, create
 
 
 def bench_config(config: Path | None, *, benchmark: str = "text5", cache: Path | None = None,
-                 rows: Sequence[str] | None = None, tasks: Mapping[str, str] | None = None) -> RunConfig:
+                 rows: Sequence[str] | None = None, tasks: Mapping[str, str] | None = None,
+                 steps: Mapping[str, int] | None = None) -> RunConfig:
     """The run configuration of ``mergelab bench``: the file ``config``, else one made of the options."""
     from mergelab.experiment.config import BenchmarkConfig, benchmark_rows
 
@@ -151,7 +152,8 @@ def bench_config(config: Path | None, *, benchmark: str = "text5", cache: Path |
         if r not in known:
             raise InputError(f"--row {r!r}: unknown row; expected one of {', '.join(known)}")
     return RunConfig(benchmark=BenchmarkConfig(name=benchmark, rows=list(rows) if rows else None,
-                                               tasks=dict(tasks or {}), cache=str(cache) if cache else None))
+                                               tasks=dict(tasks or {}), cache=str(cache) if cache else None,
+                                               steps=dict(steps or {})))
 
 
 def bench_run(cfg: RunConfig, out: Path | None, *, name: str | None = None, quiet: bool = False,

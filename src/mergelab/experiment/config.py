@@ -93,6 +93,19 @@ class BenchmarkConfig(BaseModel):
     rows: list[str] | None = Field(default=None, description="only these method rows (default: the benchmark's)")
     tasks: dict[str, str] = Field(default_factory=dict, description="task name -> CSV/JSONL/dataset folder; replaces the benchmark's tasks")
     cache: str | None = Field(default=None, description="expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)")
+    steps: dict[str, int] = Field(default_factory=dict, description="adaptive method -> adaptation steps, over the benchmark's own")
+
+    @field_validator("steps")
+    @classmethod
+    def _positive_steps(cls, v: dict[str, int]) -> dict[str, int]:
+        from mergelab import methods  # noqa: PLC0415
+
+        for name, n in v.items():
+            if name not in methods.available("adaptive"):
+                raise ValueError(f"steps: {name!r} is no adaptive method; adaptive: {', '.join(methods.available('adaptive'))}")
+            if n < 0:
+                raise ValueError(f"steps: {name}={n}; steps must be at least 0")
+        return v
 
 
 class EvaluationConfig(BaseModel):

@@ -326,6 +326,8 @@ def benchmark_spec(cfg: RunConfig):
     spec = user_benchmark(dict(b.tasks), base=get_benchmark(b.name)) if b.tasks else get_benchmark(b.name)
     if cfg.seed != spec.seed:  # the seed fixes the splits, the experts' training and the adaptation order
         spec = dataclasses.replace(spec, seed=cfg.seed, recipe=spec.recipe.replace(seed=cfg.seed))
+    if b.steps:
+        spec = dataclasses.replace(spec, adaptive_steps=tuple({**dict(spec.adaptive_steps or ()), **b.steps}.items()))
     return spec
 
 

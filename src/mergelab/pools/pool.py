@@ -205,7 +205,8 @@ class ModelPool:
             update={"experts": only(self.config.experts), "tasks": only(self.config.tasks)})
         return ModelPool(family=self.family, pretrained=self.pretrained, experts=only(self.experts),
                          heads=only(self.heads), splits=only(self.splits), name=self.name, config=config,
-                         data=only(self.data), expert_meta=only(self.expert_meta))
+                         data=only(self.data), expert_meta=only(self.expert_meta), adapters=only(self.adapters),
+                         setup_seconds=dict(self.setup_seconds))
 
     def hold_out(self, validation_per_task: int, limit: int | None = None) -> dict[str, dict[str, Any]]:
         """Split each task's one data set: its first ``validation_per_task`` examples are the
