@@ -622,3 +622,10 @@ def test_bench_steps_override_the_benchmarks_adaptation_budget(tiny_benchmark, t
     cfg = tmp_path / "s.yaml"
     cfg.write_text("benchmark:\n  name: text5\n  steps: {average: 3}\n")
     assert_one_line_exit_2(runner.invoke(app, ["bench", "-c", str(cfg)]), "is no adaptive method")
+
+
+def test_error_messages_print_brackets_verbatim(tmp_path):
+    # rich would read "[x]" (or "[cluster]" in "pip install 'mergelab[cluster]'") as markup and drop it
+    missing = tmp_path / "[x].csv"
+    assert_one_line_exit_2(runner.invoke(app, ["bench", "--task", f"a={missing}", "--out", str(tmp_path / "r")]),
+                           f"{missing}: no such file")

@@ -261,7 +261,11 @@ def test_same_config_and_seed_same_trials(storage: Path, inline_run, tmp_path: P
 def _without_run_fields(a: dict, b: dict) -> dict:
     """``a``'s records with ``b``'s host, pid, times (what may differ between two runs of one trial)."""
     varying = ("seconds", "run_seconds", "finished", "pid", "host", "executor", "threads")
-    return {i: {**r, **{k: b[i][k] for k in varying if k in b.get(i, {})}} for i, r in a.items()}
+    out = {i: {**r, **{k: b[i][k] for k in varying if k in b.get(i, {})}} for i, r in a.items()}
+    for i, r in out.items():  # a row's phase timings (results.json's row.timing) are times too
+        if isinstance(r.get("extra"), dict) and "timing" in r["extra"] and "timing" in b.get(i, {}).get("extra", {}):
+            r["extra"] = {**r["extra"], "timing": b[i]["extra"]["timing"]}
+    return out
 
 
 def _stop_after(n: int):

@@ -15,6 +15,7 @@ from typing import Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mergelab import __version__
@@ -31,7 +32,7 @@ console = Console()
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "[cluster]" is no markup
     raise typer.Exit(2)
 
 
@@ -68,7 +69,8 @@ def input_errors_exit_2(fn):
         except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
             _fail(str(exc))
         except OSError as exc:  # disk full, I/O error: not the user's input, but still no traceback
-            err_console.print(f"[bold red]error:[/] cannot read or write a file: {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] cannot read or write a file: {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

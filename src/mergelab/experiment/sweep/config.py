@@ -81,9 +81,9 @@ class EvaluationSection(BaseModel):
 
     validation_per_task: int = Field(default=32, ge=0, description="pool configs: first N examples of each task "
                                      "held out as its validation split")
-    validation_limit: int | None = Field(default=None, ge=1, description="validation trials read the first N "
-                                         "validation examples per task (default: the benchmark's search_per_task)")
-    test_limit: int | None = Field(default=None, ge=1, description="test trials read the first N test examples per task")
+    validation_limit: int | None = Field(default=None, ge=1, description="validation trials read a stratified "
+                                         "sample of N validation examples per task (default: the benchmark's search_per_task)")
+    test_limit: int | None = Field(default=None, ge=1, description="test trials read a stratified sample of N test examples per task")
     batch_size: int = Field(default=64, ge=1)
 
 

@@ -106,8 +106,9 @@ _POOLS: dict[str, Any] = {}  # pool_key -> ModelPool, one per process
 
 
 def load_sweep_pool(source: Mapping[str, Any]):
-    """The pool a sweep runs on, loaded once per process: ``validation`` and ``test`` splits per task (the
-    first ``validation_limit`` / ``test_limit`` examples), the experts from the shared cache or model paths.
+    """The pool a sweep runs on, loaded once per process: ``validation`` and ``test`` splits per task (a
+    stratified seeded sample of ``validation_limit`` / ``test_limit`` examples, :meth:`TaskData.sample`, the
+    samples ``mergelab bench`` reads), the experts from the shared cache or model paths.
 
     A benchmark whose experts are not in the cache yet trains them (the sweep's reference trial runs first,
     alone, so the cache is filled once)."""
@@ -131,19 +132,21 @@ def load_sweep_pool(source: Mapping[str, Any]):
             spec = dataclasses.replace(spec, seed=source["seed"], recipe=spec.recipe.replace(seed=source["seed"]))
         pool = load_context(spec, cache_dir=source.get("cache"), progress=False, console=quiet)
         val_limit = source.get("validation_limit") or spec.search_per_task
+        seed = spec.seed
     else:
         from mergelab.pools.pool import PoolConfig, load_pool
 
         pool = load_pool(PoolConfig.model_validate(source["pool"]))
         pool.hold_out(int(source.get("validation_per_task", 32)))
         val_limit = source.get("validation_limit")
+        seed = 0
     test_limit = source.get("test_limit")
     for s in pool.splits.values():
         s.pop("train", None)  # the trials never train: drop the texts
         if val_limit is not None and "validation" in s:
-            s["validation"] = s["validation"].subset(range(min(len(s["validation"]), val_limit)))
+            s["validation"] = s["validation"].sample(val_limit, seed)
         if test_limit is not None:
-            s["test"] = s["test"].subset(range(min(len(s["test"]), test_limit)))
+            s["test"] = s["test"].sample(test_limit, seed)
     _POOLS.clear()  # one pool per process: a worker that moves to another sweep frees the last one
     _POOLS[key] = pool
     return pool
