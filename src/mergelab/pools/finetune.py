@@ -289,6 +289,20 @@ def _train(family: TextClassifierFamily, train: TaskData, recipe: FinetuneRecipe
 
 
 # ---------------------------------------------------------------------------------------------- cache I/O
+def load_head(path: Path, family: TextClassifierFamily, n_classes: int) -> nn.Linear | None:
+    """``path/head.safetensors`` as a frozen linear head on the family's device; None when its shape is not
+    ``[n_classes, hidden]`` (a stale or foreign entry). Unreadable files raise."""
+    state = load_file(str(path / "head.safetensors"))
+    w, b = state["weight"], state["bias"]
+    if tuple(w.shape) != (n_classes, family.hidden_size) or tuple(b.shape) != (n_classes,):
+        return None
+    head = nn.Linear(family.hidden_size, n_classes)
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    return head.requires_grad_(False).eval().to(family.device)
+
+
 def _load_entry(path: Path, key: str, family: TextClassifierFamily, n_classes: int) -> Expert | None:
     """The expert stored at ``path`` if the entry is complete and matches; else None."""
     try:
@@ -296,21 +310,14 @@ def _load_entry(path: Path, key: str, family: TextClassifierFamily, n_classes: i
         if meta.get("key") != key or meta.get("format") != CACHE_FORMAT or not meta.get("complete"):
             return None
         body_state = load_file(str(path / "body.safetensors"))
-        head_state = load_file(str(path / "head.safetensors"))
         ref = family.pretrained_state()
         if set(body_state) != set(ref) or any(body_state[k].shape != ref[k].shape for k in ref):
             return None
-        w, b = head_state["weight"], head_state["bias"]
-        if tuple(w.shape) != (n_classes, family.hidden_size) or tuple(b.shape) != (n_classes,):
-            return None
+        head = load_head(path, family, n_classes)
     except Exception:  # noqa: BLE001  (anything unreadable is a miss)
         return None
-    head = nn.Linear(family.hidden_size, n_classes)
-    with torch.no_grad():
-        head.weight.copy_(w)
-        head.bias.copy_(b)
-    head.requires_grad_(False)
-    head.to(family.device)
+    if head is None:
+        return None
     body_state = {k: v.to(family.device) for k, v in body_state.items()}
     meta["cache_hit"] = True
     meta["cache_path"] = str(path)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mergelab.core.atomic import atomic_write_dir
@@ -45,7 +45,7 @@ from mergelab.core.errors import InputError
 from mergelab.core.lora import LoraTaskVector, load_lora, merged_state_dict
 from mergelab.pools.data.tasks import TaskData
 from mergelab.pools.families.text import TextClassifierFamily
-from mergelab.pools.finetune import Expert, FinetuneRecipe, _safe, cache_root, expert_key, fit
+from mergelab.pools.finetune import Expert, FinetuneRecipe, _safe, cache_root, expert_key, fit, load_head
 
 LORA_CACHE_FORMAT = 1
 # the attention query/key/value/output and the MLP intermediate/output linears of every block of a BERT body
@@ -159,17 +159,11 @@ def _load_entry(path: Path, key: str, family: TextClassifierFamily, n_classes: i
             return None
         pre = family.pretrained_state()
         adapter = load_lora(path / "adapter", pre)
-        head_state = load_file(str(path / "head.safetensors"))
-        w, b = head_state["weight"], head_state["bias"]
-        if tuple(w.shape) != (n_classes, family.hidden_size) or tuple(b.shape) != (n_classes,):
-            return None
+        head = load_head(path, family, n_classes)
     except Exception:  # noqa: BLE001  (anything unreadable is a miss)
         return None
-    head = nn.Linear(family.hidden_size, n_classes)
-    with torch.no_grad():
-        head.weight.copy_(w)
-        head.bias.copy_(b)
-    head.requires_grad_(False).eval().to(family.device)
+    if head is None:
+        return None
     body = {k: v.to(family.device) for k, v in merged_state_dict(pre, adapter).items()}
     meta.update(cache_hit=True, cache_path=str(path))
     return LoraExpert(meta.get("task", path.name), body, head, meta, adapter)
