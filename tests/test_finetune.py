@@ -375,3 +375,18 @@ def test_parallel_training_equals_one_after_another(family: TextClassifierFamily
         assert torch.equal(got.head.weight, alone.head.weight)
     again = ft.get_or_train_experts(family, tasks, r, cache_dir=tmp_path / "p", progress=False, workers=2)
     assert all(e.meta["cache_hit"] is True for e in again.values())
+
+
+def test_a_failed_training_process_is_reported_with_its_task(family: TextClassifierFamily, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks = {"a": sentiment_task(16), "b": TextTask("toy_b", sentiment_task(16).texts, [0, 1] * 8, label_names=["x", "y"])}
+    monkeypatch.setattr(family, "spawn_args", lambda: (str(tmp_path / "no-model"), 16, "mean", "cpu"))
+    with pytest.raises(RuntimeError, match=r"fine-tuning expert '(a|b)' failed .*no-model"):
+        ft.get_or_train_experts(family, tasks, RECIPE.replace(steps=2), cache_dir=tmp_path / "c", progress=False,
+                                workers=2)
+    assert not [p for p in (tmp_path / "c" / "experts").iterdir() if p.name.startswith(".tmp")]
+    monkeypatch.setenv("MERGELAB_TRAIN_WORKERS", "two")
+    with pytest.raises(InputError, match="MERGELAB_TRAIN_WORKERS"):
+        ft.default_workers()
+    monkeypatch.setenv("MERGELAB_TRAIN_WORKERS", "3")
+    assert ft.default_workers() == 3
