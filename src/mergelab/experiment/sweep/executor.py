@@ -84,6 +84,9 @@ class RayExecutor:
                     raise InputError(f"--address {address}: cannot join that Ray cluster ({exc}); is `ray start "
                                      "--head` running there, and is the port reachable?") from None
             else:
+                # Ray starts workers at nice 15: on a machine running anything else, the sweep we start for
+                # the user would get a sliver of the cores (docs/cluster.md); the user's setting wins
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                          runtime_env=runtime_env)
             self.started = True
