@@ -2,7 +2,7 @@
 
 The run is the ``reduced`` benchmark (its tasks, training splits and fine-tuning recipe: the experts train
 from scratch into an empty cache) on smaller validation and test splits (40 and 60 examples per task instead
-of 100 and 150), with searches on the first 20 validation examples of each task and half the test-time
+of 100 and 150), with searches on a stratified sample of 20 validation examples per task and half the test-time
 adaptation steps: every row and file of the full run. Unlike the tiny-model tests it runs on torch's own
 thread count (``default_torch_threads``): on a quiet 2-core machine that took 114 s against 171 s on one
 thread (`pytest --durations=3 tests/test_bench_slow.py`); on a machine shared with other jobs two threads
