@@ -40,6 +40,7 @@ from mergelab.pools.families.text import TextClassifierFamily
 CACHE_FORMAT = 2  # 2: one torch thread per expert, whatever the machine (bit-identical experts in parallel)
 BATCHINGS = ("bucketed", "random")
 BUCKET_BATCHES = 32  # batches per length-sorted bucket (see :func:`batch_schedule`)
+MIN_PARALLEL_WORK = 5e8  # parameters x steps below which experts train in this process (tiny test models)
 LENGTH_BIN = 16  # characters (about 4 tokens): lengths within a bin count as equal, so their order stays random
 _STALE_TMP_SECONDS = 24 * 3600
 
@@ -444,7 +445,10 @@ def get_or_train_experts(
             done[t] = hit
         else:
             missing[t] = (train, key, path)
-    n = min(workers if workers is not None else default_workers(), len(missing))
+    if workers is None:  # a child interpreter costs seconds to start: worth it for real models only
+        work = sum(p.numel() for p in family.body.parameters()) * recipe.steps
+        workers = default_workers() if work >= MIN_PARALLEL_WORK else 1
+    n = min(workers, len(missing))
     if n < 1:
         pass
     elif n == 1 or family.device.type != "cpu" or not hasattr(family, "spawn_args"):
