@@ -449,12 +449,10 @@ def get_or_train_experts(
         work = sum(p.numel() for p in family.body.parameters()) * recipe.steps
         workers = default_workers() if work >= MIN_PARALLEL_WORK else 1
     n = min(workers, len(missing))
-    if n < 1:
-        pass
-    elif n == 1 or family.device.type != "cpu" or not hasattr(family, "spawn_args"):
+    if n == 1 or (n > 1 and (family.device.type != "cpu" or not hasattr(family, "spawn_args"))):
         for t, (train, key, path) in missing.items():
             done[t] = _train_and_store(family, train, recipe, key, path, progress)
-    else:
+    elif n > 1:
         done.update(_train_in_processes(family, missing, recipe, n, progress))
     return {t: done[t] for t in trains}
 
