@@ -159,6 +159,34 @@ def test_cache_hit_on_second_call(
     assert not [p for p in (tmp_path / "experts").iterdir() if p.name.startswith(".tmp")]
 
 
+def test_a_run_that_finds_the_entry_being_built_waits_and_reads_it(
+    family: TextClassifierFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs sharing a cache (two benchmarks, sweep trials): the second waits for the first's lock and
+    reads the entry the first wrote instead of training it again."""
+    import threading
+
+    from mergelab.core.atomic import exclusive_lock
+
+    task = sentiment_task()
+    key = expert_key(family, task, RECIPE)
+    path = tmp_path / "experts" / f"{task.name}-{key[:16]}"
+    trained = ft.train_expert(family, task, RECIPE, progress=False)  # what the "other process" produces
+    result: dict = {}
+    with exclusive_lock(path):  # the other process holds the entry
+        monkeypatch.setattr(ft, "train_expert", _no_training)
+        waiter = threading.Thread(target=lambda: result.update(
+            got=get_or_train_expert(family, task, RECIPE, cache_dir=tmp_path, progress=False)))
+        waiter.start()
+        waiter.join(timeout=0.5)
+        assert waiter.is_alive() and not result  # blocked on the lock, not training
+        ft.save_expert(trained, path, key)
+    waiter.join(timeout=30)
+    got = result["got"]
+    assert got.meta["cache_hit"] is True
+    assert all(torch.equal(trained.body_state[k], got.body_state[k]) for k in trained.body_state)
+
+
 def test_key_covers_recipe_data_and_backbone(family: TextClassifierFamily, tiny_model_dir: Path) -> None:
     task = sentiment_task()
     k = expert_key(family, task, RECIPE)
@@ -269,7 +297,8 @@ def test_interrupted_write_leaves_nothing(
     monkeypatch.setattr(ft, "save_file", flaky)
     with pytest.raises(KeyboardInterrupt):
         get_or_train_expert(family, task, recipe, cache_dir=tmp_path, progress=False)
-    assert list((tmp_path / "experts").iterdir()) == []
+    # nothing but the folder of (empty) lock files: flock locks die with their holder
+    assert [p.name for p in (tmp_path / "experts").iterdir()] == [".locks"]
     monkeypatch.setattr(ft, "save_file", real)
     assert (
         get_or_train_expert(family, task, recipe, cache_dir=tmp_path, progress=False).meta["cache_hit"]

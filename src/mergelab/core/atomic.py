@@ -5,6 +5,7 @@
 - :func:`atomic_write_dir`: a directory filled in a sibling temporary directory, fsync'ed, then
   swapped into place (one ``renameat2(RENAME_EXCHANGE)`` on Linux, two renames elsewhere).
 - :func:`check_output_path`: refuse an output that is, contains or lies inside an input.
+- :func:`exclusive_lock`: one process at a time builds a cache entry (others wait, then read it).
 
 Nothing here knows what the files hold; what a model folder is lives in :mod:`mergelab.core.checkpoint`.
 """
@@ -19,7 +20,8 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mergelab.core.errors import InputError
@@ -174,4 +176,30 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_dir", "atomic_write_text", "check_output_path"]
+@contextmanager
+def exclusive_lock(target: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock for ``target`` (an empty file ``.locks/NAME`` beside it) while the block runs.
+
+    Two processes that fill the same cache entry (two benchmark runs, sweep trials on one machine) then
+    build it once: the second waits, and finds the entry when it gets the lock. ``flock`` locks go with
+    the open file, so they are released when the holder exits or dies, and never go stale. Where
+    ``fcntl`` does not exist (Windows) the block runs unlocked: at worst an entry is built twice, and
+    the atomic rename keeps it whole.
+    """
+    try:
+        import fcntl  # noqa: PLC0415
+    except ImportError:  # pragma: no cover  (Windows)
+        yield
+        return
+    path = Path(target)
+    locks = path.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / path.name, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_dir", "atomic_write_text", "check_output_path", "exclusive_lock"]

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mergelab.core.atomic import exclusive_lock
 from mergelab.core.batching import input_length
 from mergelab.core.errors import InputError
 from mergelab.pools.data.tasks import TaskData
@@ -380,10 +381,13 @@ def _lookup(family: TextClassifierFamily, train: TaskData, recipe: FinetuneRecip
 
 def _train_and_store(family, train: TaskData, recipe: FinetuneRecipe, key: str, path: Path, progress: bool,
                      on_step: Callable[[], None] | None = None) -> Expert:
-    if path.parent.exists():
+    with exclusive_lock(path):
+        hit = _load_entry(path, key, family, train.n_classes)  # another process trained it while we waited
+        if hit is not None:
+            return hit
         _clean_stale_tmp(path.parent)
-    expert = train_expert(family, train, recipe, progress=progress, on_step=on_step)
-    save_expert(expert, path, key)
+        expert = train_expert(family, train, recipe, progress=progress, on_step=on_step)
+        save_expert(expert, path, key)
     expert.meta.update(cache_hit=False, cache_path=str(path), key=key)
     return expert
 

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mergelab.core.atomic import atomic_write_dir
+from mergelab.core.atomic import atomic_write_dir, exclusive_lock
 from mergelab.core.errors import InputError
 from mergelab.core.lora import LoraTaskVector, load_lora, merged_state_dict
 from mergelab.pools.data.tasks import TaskData
@@ -182,6 +182,15 @@ def get_or_train_lora_expert(
     key = lora_expert_key(family, train, recipe, lora)
     path = lora_expert_dir(family, train, recipe, lora, cache_dir)
     hit = _load_entry(path, key, family, train.n_classes)
+    if hit is not None:
+        return hit
+    with exclusive_lock(path):
+        return _train_and_store(family, train, recipe, lora, key, path, progress)
+
+
+def _train_and_store(family: TextClassifierFamily, train: TaskData, recipe: FinetuneRecipe, lora: LoraRecipe,
+                     key: str, path: Path, progress: bool) -> LoraExpert:
+    hit = _load_entry(path, key, family, train.n_classes)  # another process trained it while we waited
     if hit is not None:
         return hit
     model, head, meta = train_lora_expert(family, train, recipe, lora, progress=progress)
