@@ -147,7 +147,7 @@ class SliceMerger:
         self.steps = list(form.steps)
         self.trim_at = form.trim_at
         self.label = label
-        self.chunk = int(chunk) + int(chunk) % 2  # DARE slices start at even elements
+        self.chunk = -(-int(chunk) // kernels.DARE_ALIGN) * kernels.DARE_ALIGN  # DARE slices start at multiples of 8
         self.threads = max(1, threads or torch.get_num_threads())
         self.check_finite = check_finite
         self.progress = progress or (lambda n: None)
