@@ -64,3 +64,36 @@ def test_drop_rescales_the_kept_entries_of_the_mask():
     keep = torch.tensor(_reference_keep(11, "t", "key", 0.6, v.numel())).reshape(v.shape)
     torch.testing.assert_close(out, torch.where(keep, v * (1 / 0.4), torch.zeros(())), rtol=0, atol=0)
     assert torch.equal(kernels.drop(v, 0.0, 11, "t", "key"), v)
+
+
+def _ties_disjoint_reference(acc, lams, taus):
+    """TIES Eq. 1-3 entry by entry: gamma = sgn(sum_t tau_t); the tasks agreeing with it (nonzero, same
+    sign) contribute lambda_t tau_t, divided by how many agree (at least 1)."""
+    out = acc.clone()
+    for j in range(acc.numel()):
+        col = [float(t[j]) for t in taus]
+        s = sum(col)
+        gamma = (s > 0) - (s < 0)
+        agree = [i for i, x in enumerate(col) if x != 0 and ((x > 0) - (x < 0)) == gamma]
+        out[j] += sum(lams[i] * col[i] for i in agree) / max(1, len(agree))
+    return out
+
+
+def test_elect_disjoint_accumulate_is_the_ties_formula():
+    g = torch.Generator().manual_seed(0)
+    taus = [torch.randn(300, generator=g) * (torch.rand(300, generator=g) > 0.4) for _ in range(4)]
+    taus[0][:5] = torch.tensor([1.0, -1.0, 0.0, 2.0, 0.0])  # hand cases: a zero sum elects nothing
+    taus[1][:5] = torch.tensor([-1.0, 1.0, 0.0, 2.0, 0.0])
+    taus[2][:5] = 0.0
+    taus[3][:5] = torch.tensor([0.0, 0.0, 0.0, -1.0, 3.0])
+    acc = torch.randn(300, generator=g)
+    lams = [0.5, -1.25, 2.0, 1.0]
+    ref = _ties_disjoint_reference(acc, lams, taus)
+    got = kernels.ElectDisjoint().accumulate(acc.clone(), lams, [t.clone() for t in taus], None)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    # entry 3: tasks 0, 1 agree with + (sum 3): (0.5 * 2 - 1.25 * 2) / 2 added
+    assert abs(float(got[3] - acc[3]) - (0.5 * 2.0 - 1.25 * 2.0) / 2) < 1e-6
+    assert torch.equal(got[:3], acc[:3])  # sums 0, 0, 0: sign 0, nothing agrees
+    # the same as the per-task parts (``__call__``) summed by the engine's accumulation
+    parts = kernels.ElectDisjoint()([t.clone() for t in taus], None)
+    torch.testing.assert_close(got, acc + sum(lam * p for lam, p in zip(lams, parts)), rtol=1e-6, atol=1e-6)

@@ -323,8 +323,11 @@ class SampledKthLargestAbs:
         if self._value is not None or self._failed:
             return
         b = self._abs(x).view(np.int32)
-        above = int(np.count_nonzero(b > self._hi))
-        band = b[(b - np.int32(self._lo)).view(np.uint32) <= np.uint32(self._hi - self._lo)]
+        # the values >= lo first (about the density plus the band's share): the other comparisons run on them only
+        top = b[b >= np.int32(self._lo)]
+        over = top > np.int32(self._hi)
+        above = int(np.count_nonzero(over))
+        band = top[~over] if above else top
         h = np.bincount((band - np.int32(self._lo)) >> self._shift, minlength=self._hist.size) if band.size else None
         with self._lock:
             self._above += above
@@ -486,8 +489,10 @@ def drop_(v: Tensor, drop_rate: float, seed: int, task: str, key: str, start: in
     """:func:`drop` in place on ``v``, the flattened elements ``start ..`` of tensor ``key``."""
     if drop_rate == 0.0:
         return v
-    keep = torch.from_numpy(dare_keep_mask(seed, task, key, drop_rate, start, v.numel())).reshape(v.shape)
-    return v.mul_(keep.to(v.device)).mul_(1.0 / (1.0 - drop_rate))
+    keep = dare_keep_mask(seed, task, key, drop_rate, start, v.numel())
+    # times the mask as uint8 0/1 (a bool operand takes a slower type-promotion path, about 4x here)
+    keep_u8 = torch.from_numpy(keep.view(np.uint8)).reshape(v.shape).to(v.device)
+    return v.mul_(keep_u8).mul_(1.0 / (1.0 - drop_rate))
 
 
 # ---------------------------------------------------------------- per-tensor forms of static methods
@@ -537,11 +542,33 @@ class Trim:
 
 @dataclass(frozen=True)
 class ElectDisjoint:
-    """TIES steps 2 and 3: elect the sign, split the disjoint mean into per-task parts (in place)."""
+    """TIES steps 2 and 3: elect the sign, split the disjoint mean into per-task parts (in place).
+
+    As a form's last step the merge calls :meth:`accumulate` instead, which adds the weighted disjoint
+    mean to the merged slice in fewer passes."""
 
     def __call__(self, taus: list[Tensor], ctx: SliceContext) -> list[Tensor]:
         sign = elect_sign_(taus)
         return disjoint_parts_(taus, sign)
+
+    def accumulate(self, acc: Tensor, coefficients: Sequence[float], taus: list[Tensor], ctx: SliceContext) -> Tensor:
+        """acc += sum_t lambda_t tau_t a_t / max(1, sum_s a_s), a_t = tau_t nonzero with the elected sign
+        (Yadav et al., NeurIPS 2023, Eq. 1-3 with per-task coefficients), the ``taus`` overwritten.
+
+        Formed as gamma * (sum_t lambda_t |tau_t| a_t) / count: per task one product with the sign, a
+        ``relu``, a ``sign`` for the count and one scaled add (five passes where :meth:`__call__` and
+        the engine's sum take seven); the same value up to float rounding, computed alike in memory and
+        streamed.
+        """
+        sign = elect_sign_(taus)
+        mag = torch.zeros_like(acc)
+        count = torch.zeros_like(acc)
+        one = torch.empty_like(acc)
+        for lam, v in zip(coefficients, taus):
+            torch.mul(v, sign, out=v).relu_()  # |tau_t| where it agrees with the elected sign, else 0
+            count.add_(torch.sign(v, out=one))
+            accumulate(mag, lam, v)
+        return acc.add_(mag.mul_(sign).div_(count.clamp_(min=1.0)))
 
 
 @dataclass(frozen=True)

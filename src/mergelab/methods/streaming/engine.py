@@ -195,11 +195,21 @@ class SliceMerger:
         acc = p32.clone()
         taus = [row[start:start + count] for row in self._cache_tau]
         ctx = SliceContext(key, start, self.tasks, self._thresholds, self._lambdas)
-        for step in self.steps[self.trim_at:]:
+        self._combine(acc, taus, ctx, self.trim_at)
+        return self._finish(key, start, count, acc, self.pre.tensors[key].dtype)
+
+    def _combine(self, acc: Tensor, taus: list[Tensor], ctx: SliceContext, first: int | None) -> None:
+        """acc += sum_t lambda_t part_t, the parts being ``taus`` after the steps from index ``first``; a last
+        step with an ``accumulate`` method (:class:`~mergelab.core.kernels.ElectDisjoint`) adds them itself."""
+        steps = self.steps[first or 0:]
+        last = steps[-1] if steps and hasattr(steps[-1], "accumulate") else None
+        for step in steps[:-1] if last is not None else steps:
             taus = step(taus, ctx)
+        if last is not None:
+            last.accumulate(acc, self.coefficients, taus, ctx)
+            return
         for lam, part in zip(self.coefficients, taus):
             kernels.accumulate(acc, lam, part)
-        return self._finish(key, start, count, acc, self.pre.tensors[key].dtype)
 
     def _cache(self, key: str) -> None:
         """Read ``key`` once: its float32 pretrained values and task vectors (the steps before the trim
@@ -265,8 +275,8 @@ class SliceMerger:
                 e = self.experts[t].read(key, start, count, b["raw"][i + 1])
                 kernels.accumulate(acc, lam, torch.sub(e, p32, out=tau))
         else:
-            for lam, part in zip(self.coefficients, self._taus(key, start, count, p32, b, None)):
-                kernels.accumulate(acc, lam, part)
+            taus = self._taus(key, start, count, p32, b, 0)
+            self._combine(acc, taus, SliceContext(key, start, self.tasks, self._thresholds, self._lambdas), 0)
         return self._finish(key, start, count, acc, p.dtype)
 
     def _explain_non_finite(self, key: str, start: int, count: int, out: Tensor) -> None:
