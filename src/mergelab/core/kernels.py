@@ -323,11 +323,8 @@ class SampledKthLargestAbs:
         if self._value is not None or self._failed:
             return
         b = self._abs(x).view(np.int32)
-        # the values >= lo first (about the density plus the band's share): the other comparisons run on them only
-        top = b[b >= np.int32(self._lo)]
-        over = top > np.int32(self._hi)
-        above = int(np.count_nonzero(over))
-        band = top[~over] if above else top
+        above = int(np.count_nonzero(b > self._hi))
+        band = b[(b - np.int32(self._lo)).view(np.uint32) <= np.uint32(self._hi - self._lo)]
         h = np.bincount((band - np.int32(self._lo)) >> self._shift, minlength=self._hist.size) if band.size else None
         with self._lock:
             self._above += above
