@@ -12,7 +12,9 @@ Per slice of ``chunk`` elements of a floating tensor, on one worker thread (torc
 2. tau_t = e_t - p into the worker's float32 buffers (``torch.sub`` with ``out=``: one pass, no
    temporaries; a bfloat16 expert is widened inside the same pass);
 3. the form's steps (DARE's drop, TIES' trim, elect and split), in place;
-4. acc = p + sum_t lambda_t tau_t, one ``add_(alpha=)`` pass per task (:func:`kernels.accumulate`);
+4. acc = p + sum_t lambda_t tau_t, one ``add_(alpha=)`` pass per task (:func:`kernels.accumulate`), or, when
+   the last step has an ``accumulate`` method (TIES' :class:`~mergelab.core.kernels.ElectDisjoint`), that
+   method adds the parts itself in fewer passes;
 5. one ``sum`` over the result: finite, or a closer look that names the input holding a NaN/Inf (every
    step propagates NaN and Inf to the result) or reports an overflow of the coefficients.
 
