@@ -8,6 +8,11 @@ to other jobs on a shared machine than wall time) and, per round, the ratio new 
 
     git worktree add /tmp/mergelab-base <commit>
     python benchmarks/static_merge_ab.py --baseline /tmp/mergelab-base/src --methods dare ties --rounds 2
+    python benchmarks/static_merge_ab.py --baseline /tmp/mergelab-base/src --startup --rounds 3
+
+``--startup`` instead measures what ``mergelab merge`` imports before it reads a byte: the CPU seconds
+of importing the third-party packages (torch, numpy, pydantic, typer, yaml, rich) and then mergelab's
+CLI, command and streaming modules, in a fresh interpreter per checkout and round.
 """
 
 from __future__ import annotations
@@ -46,6 +51,24 @@ shutil.rmtree(out, ignore_errors=True)
 """
 
 
+STARTUP = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+t0 = time.process_time()
+import numpy, pydantic, rich.console, rich.table, torch, typer, yaml
+t1 = time.process_time()
+import mergelab.cli, mergelab.experiment.commands, mergelab.methods.streaming
+t2 = time.process_time()
+print(json.dumps({"third_party_cpu_s": t1 - t0, "mergelab_cpu_s": t2 - t1,
+                  "mergelab_modules": sorted(m for m in sys.modules if m.startswith("mergelab"))}))
+"""
+
+
+def startup(src: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", STARTUP, src], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run(src: str, name: str, root: Path, T: int, out: Path) -> dict:
     method, params = PARAMS[name]
     proc = subprocess.run([sys.executable, "-c", CHILD, src, method, json.dumps(params), str(root), str(T), str(out)],
@@ -61,7 +84,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--root", type=Path, default=CACHE / "static_merge_bench" / "gpt2")
     ap.add_argument("--out", type=Path, default=Path("runs/static_merge_ab.json"))
+    ap.add_argument("--startup", action="store_true", help="measure the imports of `mergelab merge` instead")
     args = ap.parse_args(argv)
+    if args.startup:
+        got: dict[str, list[dict]] = {"baseline": [], "new": []}
+        for r in range(args.rounds):
+            order = [("baseline", args.baseline), ("new", str(HERE))]
+            for label, src in (order if r % 2 == 0 else order[::-1]):
+                got[label].append({**startup(src), "load_average": os.getloadavg()[0]})
+        result = {"command": "python benchmarks/static_merge_ab.py " + " ".join(sys.argv[1:]), "startup": got}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        for label, runs in got.items():
+            third = ", ".join(f"{x['third_party_cpu_s']:.2f}" for x in runs)
+            own = ", ".join(f"{x['mergelab_cpu_s']:.2f}" for x in runs)
+            print(f"{label:8s} third-party {third} CPU s; mergelab {own} CPU s; "
+                  f"{len(runs[0]['mergelab_modules'])} mergelab modules")
+        return result
     if not (args.root / "pretrained").is_dir():
         sys.exit(f"{args.root}: no models; run benchmarks/static_merge.py --T {args.T} first (it builds them)")
     rows = []
