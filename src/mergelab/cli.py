@@ -21,7 +21,6 @@ from rich.table import Table
 from mergelab import __version__
 from mergelab.core import yamlio
 from mergelab.core.errors import InputError
-from mergelab.pools.benchmarks import DEFAULT_BENCHMARK
 
 app = typer.Typer(
     add_completion=False,
@@ -211,8 +210,8 @@ def merge(
 @app.command()
 @input_errors_exit_2
 def bench(
-    benchmark: str = typer.Option(DEFAULT_BENCHMARK, "--benchmark", "-b",
-                                  help="Named benchmark: text5-demo (the headline rows), text5 (every row), text5-lora, reduced."),
+    benchmark: str | None = typer.Option(None, "--benchmark", "-b", show_default=False,
+                                         help="Named benchmark: text5-demo (the headline rows; the default), text5 (every row), text5-lora, reduced."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default runs/<benchmark>-<timestamp>)."),
     cache: Path | None = typer.Option(None, "--cache", help="Expert cache (default $MERGELAB_CACHE or ~/.cache/mergelab)."),
     row: list[str] | None = typer.Option(None, "--row", help="Only these method rows (repeatable)."),
@@ -240,13 +239,14 @@ def bench(
     """
     from mergelab.experiment.commands import bench_config, bench_run
     from mergelab.experiment.report import rich_table
+    from mergelab.pools.benchmarks import DEFAULT_BENCHMARK  # here, not at the top: `mergelab merge` starts without pools
 
     if config is not None:
-        given = [f for f, v in (("--benchmark", benchmark != DEFAULT_BENCHMARK), ("--cache", cache), ("--row", row),
+        given = [f for f, v in (("--benchmark", benchmark is not None), ("--cache", cache), ("--row", row),
                                 ("--task", task), ("--steps", steps)) if v]
         if given:
             raise InputError(f"--config describes the benchmark or pool; drop {', '.join(given)}")
-    cfg = bench_config(config, benchmark=benchmark, cache=cache, rows=row,
+    cfg = bench_config(config, benchmark=benchmark or DEFAULT_BENCHMARK, cache=cache, rows=row,
                        tasks=parse_experts(task, what="--task") if task else None,
                        steps=_parse_steps(steps or []))
     results, _, files = bench_run(cfg, out, name=config.stem if config is not None else None, quiet=quiet)

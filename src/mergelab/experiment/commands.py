@@ -16,10 +16,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergelab.core.errors import InputError
-from mergelab.experiment.config import RunConfig, load_config
+
+if TYPE_CHECKING:  # imported where used: a static merge's start-up does without pydantic's run models and pools
+    from mergelab.experiment.config import RunConfig
 
 
 def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params: Mapping[str, Any], out: Path, *,
@@ -97,6 +99,7 @@ def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params
 
 def merge_config_run(config: Path, out: Path | None, *, quiet: bool = False) -> tuple[dict[str, Any], Path, str]:
     """``merge --config``: every merge of the pool's sweep; ``(results, run_dir, files written)``."""
+    from mergelab.experiment.config import load_config
     from mergelab.experiment.rundir import (
         default_run_dir,
         merge_markdown,
@@ -143,7 +146,7 @@ def bench_config(config: Path | None, *, benchmark: str = "text5", cache: Path |
                  rows: Sequence[str] | None = None, tasks: Mapping[str, str] | None = None,
                  steps: Mapping[str, int] | None = None) -> RunConfig:
     """The run configuration of ``mergelab bench``: the file ``config``, else one made of the options."""
-    from mergelab.experiment.config import BenchmarkConfig, benchmark_rows
+    from mergelab.experiment.config import BenchmarkConfig, RunConfig, benchmark_rows, load_config
 
     if config is not None:
         return load_config(config)
@@ -233,6 +236,8 @@ def pool_or_benchmark(config: Path | None, benchmark: str, cache: Path | None, *
     """``adapt`` and ``analyze``: the pool of a pool config (``--config``), else the named benchmark's
     (experts fine-tuned or cached), both as a :class:`~mergelab.pools.pool.ModelPool`."""
     if config is not None:
+        from mergelab.experiment.config import load_config
+
         cfg = load_config(config)
         if cfg.pool is None:
             raise InputError(f"{config}: has a 'benchmark' section; give its name with --benchmark instead")
@@ -278,6 +283,7 @@ def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path 
     """``mergelab analyze``: one SE-Merging analysis on a named benchmark's or a pool config's validation
     split; writes ``out`` (options.json, environment.json, run.log, the analysis' JSON and PNG files)."""
     from mergelab.experiment.analysis.run import KINDS, run_analysis
+    from mergelab.experiment.config import load_config
     from mergelab.experiment.rundir import logged_run, start_command_run
     from mergelab.methods.dynamic import RouterConfig
     from mergelab.pools.benchmarks import get_benchmark

@@ -236,7 +236,7 @@ def _dense_merger(method: str, pretrained: StateDict, experts: Mapping[str, Expe
         for t in tasks:
             v = _tau(pretrained, experts[t], key)
             if v is not None and pipe.drop_rate > 0:
-                v = kernels.drop(v, pipe.drop_rate, kernels.dare_generator(pipe.seed, t, key))
+                v = kernels.drop(v, pipe.drop_rate, pipe.seed, t, key)
             out.append(v)
         return out
 

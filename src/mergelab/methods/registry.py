@@ -218,14 +218,24 @@ def _summary(fn: Callable[..., Any]) -> str:
     return (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
 
 
+def load_all() -> None:
+    """Register the dynamic and adaptive methods (their modules are imported on first need, not by
+    ``import mergelab``: a static merge's start-up does without them)."""
+    from mergelab.methods import adaptive, dynamic  # noqa: F401  (importing registers them)
+
+
 def available(kind: str | None = None) -> list[str]:
     """Names of the registered methods, all kinds or one (``"static"``, ``"dynamic"``, ``"adaptive"``)."""
     if kind is not None and kind not in KINDS:
         raise InputError(f"unknown method kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind != "static":
+        load_all()
     return sorted(n for n, m in _REGISTRY.items() if kind is None or m.kind == kind)
 
 
 def get(name: str) -> MethodInfo:
+    if name not in _REGISTRY:
+        load_all()
     try:
         return _REGISTRY[name]
     except KeyError:

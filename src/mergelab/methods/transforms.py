@@ -104,6 +104,6 @@ def drop(vectors: Vectors, drop_rate: float, seed: int = 0) -> dict[str, TaskVec
     if drop_rate == 0.0:
         return {t: TaskVector(dict(v)) for t, v in vectors.items()}
     return {
-        task: TaskVector({key: kernels.drop(v, drop_rate, kernels.dare_generator(seed, task, key)) for key, v in vec.items()})
+        task: TaskVector({key: kernels.drop(v, drop_rate, seed, task, key) for key, v in vec.items()})
         for task, vec in vectors.items()
     }

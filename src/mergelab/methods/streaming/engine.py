@@ -12,7 +12,9 @@ Per slice of ``chunk`` elements of a floating tensor, on one worker thread (torc
 2. tau_t = e_t - p into the worker's float32 buffers (``torch.sub`` with ``out=``: one pass, no
    temporaries; a bfloat16 expert is widened inside the same pass);
 3. the form's steps (DARE's drop, TIES' trim, elect and split), in place;
-4. acc = p + sum_t lambda_t tau_t, one ``add_(alpha=)`` pass per task (:func:`kernels.accumulate`);
+4. acc = p + sum_t lambda_t tau_t, one ``add_(alpha=)`` pass per task (:func:`kernels.accumulate`), or, when
+   the last step has an ``accumulate`` method (TIES' :class:`~mergelab.core.kernels.ElectDisjoint`), that
+   method adds the parts itself in fewer passes;
 5. one ``sum`` over the result: finite, or a closer look that names the input holding a NaN/Inf (every
    step propagates NaN and Inf to the result) or reports an overflow of the coefficients.
 
@@ -147,7 +149,7 @@ class SliceMerger:
         self.steps = list(form.steps)
         self.trim_at = form.trim_at
         self.label = label
-        self.chunk = int(chunk) + int(chunk) % 2  # DARE slices start at even elements
+        self.chunk = -(-int(chunk) // kernels.DARE_ALIGN) * kernels.DARE_ALIGN  # DARE slices start at multiples of 8
         self.threads = max(1, threads or torch.get_num_threads())
         self.check_finite = check_finite
         self.progress = progress or (lambda n: None)
@@ -195,11 +197,21 @@ class SliceMerger:
         acc = p32.clone()
         taus = [row[start:start + count] for row in self._cache_tau]
         ctx = SliceContext(key, start, self.tasks, self._thresholds, self._lambdas)
-        for step in self.steps[self.trim_at:]:
+        self._combine(acc, taus, ctx, self.trim_at)
+        return self._finish(key, start, count, acc, self.pre.tensors[key].dtype)
+
+    def _combine(self, acc: Tensor, taus: list[Tensor], ctx: SliceContext, first: int | None) -> None:
+        """acc += sum_t lambda_t part_t, the parts being ``taus`` after the steps from index ``first``; a last
+        step with an ``accumulate`` method (:class:`~mergelab.core.kernels.ElectDisjoint`) adds them itself."""
+        steps = self.steps[first or 0:]
+        last = steps[-1] if steps and hasattr(steps[-1], "accumulate") else None
+        for step in steps[:-1] if last is not None else steps:
             taus = step(taus, ctx)
+        if last is not None:
+            last.accumulate(acc, self.coefficients, taus, ctx)
+            return
         for lam, part in zip(self.coefficients, taus):
             kernels.accumulate(acc, lam, part)
-        return self._finish(key, start, count, acc, self.pre.tensors[key].dtype)
 
     def _cache(self, key: str) -> None:
         """Read ``key`` once: its float32 pretrained values and task vectors (the steps before the trim
@@ -265,8 +277,8 @@ class SliceMerger:
                 e = self.experts[t].read(key, start, count, b["raw"][i + 1])
                 kernels.accumulate(acc, lam, torch.sub(e, p32, out=tau))
         else:
-            for lam, part in zip(self.coefficients, self._taus(key, start, count, p32, b, None)):
-                kernels.accumulate(acc, lam, part)
+            taus = self._taus(key, start, count, p32, b, 0)
+            self._combine(acc, taus, SliceContext(key, start, self.tasks, self._thresholds, self._lambdas), 0)
         return self._finish(key, start, count, acc, p.dtype)
 
     def _explain_non_finite(self, key: str, start: int, count: int, out: Tensor) -> None:

@@ -15,9 +15,9 @@ TIES needs its magnitude thresholds before trimming:
 - ``scope="global"`` (the paper's top-k over the whole task vector): two passes over the whole
   models for the exact global threshold of each task, then the merge pass, three reads in all.
 
-DARE's mask of each (task, tensor) comes from its own counter-based generator
-(:func:`~mergelab.core.kernels.dare_generator`), jumped to each slice's first element, so every slice, in any
-pass and on any thread, sees the same dropped values as the in-memory merge.
+DARE's mask of each (task, tensor) comes from its own generator (:func:`~mergelab.core.kernels.dare_keep_mask`),
+jumped to each slice's first element, so every slice, in any pass and on any thread, sees the same
+dropped values as the in-memory merge.
 """
 
 from __future__ import annotations
