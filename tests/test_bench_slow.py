@@ -31,7 +31,7 @@ SPEC = dataclasses.replace(
 )
 
 STATIC = ["average", "task_arithmetic", "ties", "dare_task_arithmetic", "dare_ties"]
-SE = ["se_merging_task_arithmetic", "se_prototype_task_arithmetic", "se_prototype_ties",
+SE = ["se_merging_task_arithmetic", "se_merging_task_arithmetic_cached", "se_prototype_task_arithmetic", "se_prototype_ties",
       "se_prototype_task_arithmetic_fast", "se_prototype_task_arithmetic_fast+symerge_heads"]
 ADAPTIVE = ["adamerging_taskwise", "adamerging_layerwise", "adamerging_plusplus", "adamerging_plusplus_taskwise", "symerge",
             "task_arithmetic+symerge_heads", "ties+symerge_heads"]

@@ -350,7 +350,7 @@ def approximations_study(ctx, *, ranks: Sequence[int] = (8, 32, 128), config: Ro
     the paper's rule with cached expert representations (``probes="cached"``). Per path: average accuracy,
     prediction agreement with its reference, mean L1 distance of the per-sample coefficient vectors and mean
     relative feature error. Evaluated on ``split`` (default the benchmark's test split, all of it unless
-    ``n_per_task``); the prototypes and the expert cache read the first ``n_calib`` validation texts per task.
+    ``n_per_task``: a stratified seeded sample per task); the prototypes and the expert cache read the first ``n_calib`` validation texts per task.
     Nothing is chosen here: the router's parameters come in fixed.
     """
     cfg = config or RouterConfig()
@@ -364,7 +364,9 @@ def approximations_study(ctx, *, ranks: Sequence[int] = (8, 32, 128), config: Ro
     cached = se_model(ctx, config=RouterConfig(**{**paper_cfg.to_dict(), "probes": "cached"}))
     cached.cache_experts(calib)
     start = n_calib if split == "validation" else 0  # validation: after the calibration texts
-    data = _subsplits(ctx, split, start, n_per_task if n_per_task is not None else 10**9)
+    data = _subsplits(ctx, split, start, 10**9)
+    if n_per_task is not None:  # a stratified seeded sample of each task, not a prefix
+        data = {t: s.sample(n_per_task, 0) for t, s in data.items()}
     batches = _routed_batches(ctx, se, data, batch_size)
     base = se.base
 

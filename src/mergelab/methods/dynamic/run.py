@@ -13,8 +13,9 @@ routing rule, so that a results table never calls a rule the paper's when it is 
   to expert t than the pretrained model is); reads nothing beyond the input (one more probe pass).
 - ``se_ratio``: mergelab's rule ``||m - e_t|| / ||p - e_t||``.
 - ``se_prototype``: mergelab's rule ``||m - mu_t||`` with mu_t the mean merged representation of a few
-  calibration inputs of task t (inputs of *known task*); no expert pass. Its fast paths (``mode`` fast,
-  single-pass, prototype-exact) approximate this rule only.
+  calibration inputs of task t (inputs of *known task*); no expert pass. Its approximate paths (``mode``
+  fast: quantized groups of merged models; single-pass: the static merge up to the probe layer; and
+  prototype-exact) exist for this rule only.
 """
 
 from __future__ import annotations
@@ -150,4 +151,4 @@ _register("se_ratio", "ratio", "nothing",
           "mergelab's SE rule: distance to each expert over the pretrained model's (d(m,e)/d(p,e))")
 _register("se_prototype", "prototype", "calibration",
           "mergelab's SE rule: distance to per-task prototypes of a few calibration inputs of known task; "
-          "fast paths (mode fast, single-pass, prototype-exact)")
+          "approximate paths (mode fast = quantized groups, single-pass, prototype-exact)")
