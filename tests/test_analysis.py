@@ -141,7 +141,7 @@ def test_analyze_cli_bad_input_exits_2() -> None:
 def test_approximations_study_against_direct_computation(ctx, tmp_path: Path) -> None:
     """Each approximate path's agreement, coefficient L1 and feature error, recomputed here sample by sample."""
     files = run_analysis("approximations", ctx, tmp_path, config=RouterConfig(layer=1, temperature=0.3, gain=2.0),
-                         n_calib=4, ranks=(2,), progress=False)
+                         n_per_task=10, n_calib=4, ranks=(2,), progress=False)  # 10: the whole test split
     study = json.loads(files["json"].read_text())
     assert "| fast | exact |" in files["markdown"].read_text()
     paths = study["paths"]

@@ -330,7 +330,8 @@ def analyze(
     fast-groups: accuracy and cost of the fast path's merged models, one per task at its prototype or
     quantized per-sample coefficients (--groups-per-task). approximations: every approximate path (fast,
     single-pass, lowrank at --ranks, default 8 32 128; prototype-exact; cached expert probes) against the
-    exact one sample by sample, on the benchmark's TEST split (nothing is chosen there). se-defaults: the
+    exact one sample by sample, on a stratified sample of --n-per-task texts per task of the benchmark's
+    TEST split (nothing is chosen there). se-defaults: the
     temperature x gain grid on validation for the first 2, the first 3 and all tasks.
 
     Example:

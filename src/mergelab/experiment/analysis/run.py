@@ -129,7 +129,8 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
     elif kind == "approximations":
         if any(int(r) < 1 for r in ranks):
             raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
-        study = approximations_study(ctx, ranks=ranks, config=cfg, n_calib=n_calib, progress=progress)
+        study = approximations_study(ctx, ranks=ranks, config=cfg, n_per_task=n_per_task, n_calib=n_calib,
+                                     progress=progress)
         files["json"] = _write(out, "approximations.json", study)
         out.mkdir(parents=True, exist_ok=True)
         files["markdown"] = atomic_write_text(out / "approximations.md", approximations_markdown(study))
