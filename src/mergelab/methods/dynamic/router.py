@@ -61,8 +61,9 @@ PROBES = ("live", "cached")  # expert representations: T partial passes per inpu
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """SE-Merging's free parameters. Defaults were chosen on the text5 *validation* splits for 2, 3 and 5
-    tasks (docs/methods.md)."""
+    """SE-Merging's free parameters. Rule and layer were chosen on the text5 *validation* splits; temperature
+    0.1 and gain 2.5 are provisional until ``mergelab analyze se-defaults`` (validation, 2, 3 and 5 tasks)
+    has run (docs/methods.md)."""
 
     layer: int = 1
     normalisation: str = "prototype"
