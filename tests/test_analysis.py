@@ -96,7 +96,7 @@ def test_evaluate_se_routing_summary_is_consistent(ctx) -> None:
 @pytest.mark.parametrize("kind", ["routing", "probe-sweep", "cost", "se-select", "lowrank", "fast-groups"])
 def test_run_analysis_writes_json_and_pngs(ctx, tmp_path: Path, kind: str) -> None:
     files = run_analysis(kind, ctx, tmp_path, config=RouterConfig(layer=1), n_per_task=6, n_calib=4, layers=[1, 2],
-                         temperatures=(0.3,), masses=(1.0,), ranks=(1, 64), groups_per_task=(1, 2), progress=False)
+                         temperatures=(0.3,), gains=(3.0,), ranks=(1, 64), groups_per_task=(1, 2), progress=False)
     assert files["json"].is_file()
     pngs = [p for k, p in files.items() if k != "json"]
     assert pngs
@@ -136,3 +136,55 @@ def test_analyze_cli_bad_input_exits_2() -> None:
     r = CliRunner().invoke(app, ["analyze", "routing", "--temperature", "-1"])
     assert r.exit_code == 2 and "temperature" in r.output
     assert "Traceback" not in r.output
+
+
+def test_approximations_study_against_direct_computation(ctx, tmp_path: Path) -> None:
+    """Each approximate path's agreement, coefficient L1 and feature error, recomputed here sample by sample."""
+    files = run_analysis("approximations", ctx, tmp_path, config=RouterConfig(layer=1, temperature=0.3, gain=2.0),
+                         n_per_task=10, n_calib=4, ranks=(2,), progress=False)  # 10: the whole test split
+    study = json.loads(files["json"].read_text())
+    assert "| fast | exact |" in files["markdown"].read_text()
+    paths = study["paths"]
+    assert set(paths) == {"static", "exact", "fast", "single-pass", "lowrank 2", "paper exact",
+                          "paper prototype-exact", "paper cached"}
+    cfg = RouterConfig(layer=1, temperature=0.3, gain=2.0)
+    se = SEMerging(ctx.family, ctx.pretrained, make_plan("task_arithmetic", ctx.pretrained, ctx.experts, scaling=0.3),
+                   ctx.experts, cfg)
+    se.calibrate({t: s["validation"].texts[:4] for t, s in ctx.splits.items()})
+    agree = l1 = ferr = 0.0
+    n = 0
+    for t, s in ctx.splits.items():  # the test split, all of it
+        b = ctx.family.tokenize(s["test"].texts)
+        exact, r = se.features(b, "exact")
+        fast, fr = se.features(b, "fast")
+        agree += float((ctx.heads[t](fast).argmax(-1) == ctx.heads[t](exact).argmax(-1)).sum())
+        l1 += float((fr.coefficients - r.coefficients).abs().sum())
+        ferr += float(((fast - exact).norm(dim=-1) / exact.norm(dim=-1)).sum())
+        n += len(s["test"])
+    got = paths["fast"]["against_reference"]
+    assert got["reference"] == "exact" and got["samples"] == n == 30
+    assert got["agreement"] == pytest.approx(agree / n)
+    assert got["coefficient_l1"] == pytest.approx(l1 / n, rel=1e-4, abs=1e-6)
+    assert got["feature_error"] == pytest.approx(ferr / n, rel=1e-3, abs=1e-6)
+    # the lowrank path routes like the exact one (no coefficient error) and differs in its features only
+    assert paths["lowrank 2"]["against_reference"]["coefficient_l1"] == pytest.approx(0.0, abs=1e-6)
+    assert paths["lowrank 2"]["against_reference"]["feature_error"] > 1e-4
+    assert paths["paper cached"]["against_reference"]["reference"] == "paper exact"
+
+
+def test_defaults_study_grid_old_defaults_and_best(ctx, tmp_path: Path) -> None:
+    files = run_analysis("se-defaults", ctx, tmp_path, config=RouterConfig(layer=1), n_per_task=6, n_calib=4,
+                         temperatures=(0.1, 1.0), gains=(2.0,), progress=False)
+    study = json.loads(files["json"].read_text())
+    assert [s["tasks"] for s in study["subsets"]] == [["t0", "t1"], ["t0", "t1", "t2"]]
+    sub = ctx.restrict(["t0", "t1"])
+    se = SEMerging(sub.family, sub.pretrained, make_plan("task_arithmetic", sub.pretrained, sub.experts, scaling=0.3),
+                   sub.experts, RouterConfig(layer=1, temperature=1.0, gain=1.0, scale="std"))
+    se.calibrate({t: s["validation"].texts[:4] for t, s in sub.splits.items()})
+    acc = evaluate_se(se, sub.heads, {t: s["validation"].subset(range(4, 10)) for t, s in sub.splits.items()},
+                      mode="exact", progress=False)[0]
+    # the old defaults on two tasks: standardised distances, temperature 1, mass 0.5 = gain 0.5 x 2
+    assert study["subsets"][0]["old_defaults"]["average"] == pytest.approx(sum(acc.values()) / 2)
+    means = {(c["temperature"], c["gain"]): c["average"] for c in study["mean_over_subsets"]}
+    assert means[(study["best"]["temperature"], study["best"]["gain"])] == max(means.values())
+    assert "| old: standardised, 1.0 | mass 0.5 |" in files["markdown"].read_text()

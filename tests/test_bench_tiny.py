@@ -55,7 +55,7 @@ def test_every_row_and_the_files(tiny_spec: BenchmarkSpec, tmp_path: Path, monke
     names = set(res["methods"])
     expected = {"individual", "pretrained", "average", "task_arithmetic", "task_arithmetic_0.3", "ties",
                 "dare_task_arithmetic", "dare_ties", "se_merging_task_arithmetic", "se_prototype_task_arithmetic",
-                "se_prototype_ties", "se_prototype_task_arithmetic_fast", "adamerging_taskwise", "adamerging_layerwise",
+                "se_merging_task_arithmetic_cached", "se_prototype_ties", "se_prototype_task_arithmetic_fast", "adamerging_taskwise", "adamerging_layerwise",
                 "adamerging_plusplus", "adamerging_plusplus_taskwise", "symerge", "task_arithmetic+symerge_heads", "ties+symerge_heads",
                 "se_prototype_task_arithmetic_fast+symerge_heads"}
     assert expected <= names, expected - names

@@ -151,25 +151,69 @@ def test_scores_by_hand() -> None:
 
 def test_weights_and_rescaling_by_hand() -> None:
     s = torch.tensor([[1.0, 2.0, 3.0]])
-    # z = (s - 2) / std, std = sqrt(2/3); softmax(-z / 0.5)
-    z = (s - 2.0) / math.sqrt(2.0 / 3.0)
-    e = torch.exp(-z / 0.5)
+    # default scale "mean": z = s / mean|s| = s / 2; softmax(-z / 0.5)
+    e = torch.exp(-(s / 2.0) / 0.5)
     w = routing_weights(s, 0.5)
     assert torch.allclose(w, e / e.sum(), atol=1e-6)
-    # rescale: M * w_t lam_t / sum w lam with M = mass * sum lam = 0.5 * 1.2, by hand
+    # scale "std" (the old standardisation): z = (s - 2) / std, std = sqrt(2/3)
+    z = (s - 2.0) / math.sqrt(2.0 / 3.0)
+    e = torch.exp(-z / 0.5)
+    assert torch.allclose(routing_weights(s, 0.5, "std"), e / e.sum(), atol=1e-6)
+    # rescale: G * mean(lam) * w_t lam_t / sum w lam, G = 1.5, mean(lam) = 0.4: total 0.6, by hand
     w = torch.tensor([[0.5, 0.3, 0.2]])
-    c = rescale(w, [0.3, 0.3, 0.6], mass=0.5)
+    c = rescale(w, [0.3, 0.3, 0.6], gain=1.5)
     denom = 0.5 * 0.3 + 0.3 * 0.3 + 0.2 * 0.6
     assert torch.allclose(c, torch.tensor([[0.6 * 0.15 / denom, 0.6 * 0.09 / denom, 0.6 * 0.12 / denom]]))
-    # mass 1: uniform weights give back the static coefficients
+    # gain T (the default): uniform weights give back the static coefficients
     assert torch.allclose(rescale(torch.full((2, 3), 1 / 3), [0.3, 0.3, 0.6]), torch.tensor([[0.3, 0.3, 0.6]] * 2))
     assert torch.allclose(entropy(torch.tensor([[0.5, 0.5]])), torch.tensor([math.log(2)]))
     with pytest.raises(InputError, match="temperature"):
         routing_weights(s, -1.0)
+    with pytest.raises(InputError, match="scale"):
+        routing_weights(s, 1.0, "max")
     with pytest.raises(InputError, match="normalisation"):
         RouterConfig(normalisation="cosine")
-    with pytest.raises(InputError, match="mass"):
-        RouterConfig(mass=0)
+    with pytest.raises(InputError, match="gain"):
+        RouterConfig(gain=0)
+    with pytest.raises(InputError, match="probes"):
+        RouterConfig(probes="cached")  # the prototype rule (default) runs no expert probe
+
+
+# two tasks (issue 19): distances written out, weights and coefficients by the formula, each case one the
+# old defaults (standardisation across tasks, mass relative to the static total) get wrong
+def test_two_task_weights_follow_the_distances() -> None:
+    near, far = torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 1.2]])
+    # z = s / mean(s): (0.5, 1.5) and (1/1.1, 1.2/1.1); w_0 = 1 / (1 + exp(-(z_1 - z_0) / tau)), tau = 0.5
+    w_near = 1 / (1 + math.exp(-(1.5 - 0.5) / 0.5))
+    w_far = 1 / (1 + math.exp(-((1.2 - 1.0) / 1.1) / 0.5))
+    assert torch.allclose(routing_weights(near, 0.5), torch.tensor([[w_near, 1 - w_near]]), atol=1e-6)
+    assert torch.allclose(routing_weights(far, 0.5), torch.tensor([[w_far, 1 - w_far]]), atol=1e-6)
+    assert w_near > 0.85 and w_far < 0.6  # clear distances route confidently, near-ties do not
+    # the old standardisation: z = (-1, +1) for any two distances, so both pairs get the same weights
+    w_std = 1 / (1 + math.exp(-2 / 0.5))
+    for s in (near, far):
+        assert torch.allclose(routing_weights(s, 0.5, "std"), torch.tensor([[w_std, 1 - w_std]]), atol=1e-6)
+    # equal distances: uniform weights under both
+    assert torch.allclose(routing_weights(torch.tensor([[2.0, 2.0]]), 0.5), torch.tensor([[0.5, 0.5]]))
+    # scale-free: the same weights when every distance is multiplied by 7
+    assert torch.allclose(routing_weights(7 * near, 0.5), routing_weights(near, 0.5), atol=1e-6)
+
+
+def test_two_task_coefficients_amplify_the_identified_task() -> None:
+    w = torch.tensor([[0.9, 0.1]])
+    # Task Arithmetic 0.3, gain 2.5: total 2.5 * 0.3 = 0.75, split as w (equal base coefficients)
+    c = rescale(w, [0.3, 0.3], gain=2.5)
+    assert torch.allclose(c, torch.tensor([[0.75 * 0.9, 0.75 * 0.1]]))
+    assert float(c[0, 0]) > 0.3  # above the task's static coefficient: amplified
+    # the same gain gives the identified task the same share of the same total with five tasks
+    c5 = rescale(torch.tensor([[0.9, 0.025, 0.025, 0.025, 0.025]]), [0.3] * 5, gain=2.5)
+    assert float(c5[0, 0]) == pytest.approx(0.75 * 0.9)
+    # gain 1 / 0.3 and a certain router: the identified task's coefficient is 1 (its expert)
+    assert torch.allclose(rescale(torch.tensor([[1.0, 0.0]]), [0.3, 0.3], gain=1 / 0.3), torch.tensor([[1.0, 0.0]]))
+    # the old rule, M = mass * sum(lambda) = 0.5 * 0.6: even a certain router gave the task only 0.3
+    old_total = 0.5 * (0.3 + 0.3)
+    assert old_total * 1.0 == pytest.approx(0.3)
+    assert torch.allclose(rescale(torch.tensor([[1.0, 0.0]]), [0.3, 0.3], gain=0.5 * 2), torch.tensor([[0.3, 0.0]]))
 
 
 # ---------------------------------------------------------------------------------------------- SE-Merging
@@ -178,7 +222,7 @@ def test_routed_sample_reproduces_its_expert(setup, normalisation: str) -> None:
     family, pre, experts = setup
     plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)
     se = SEMerging(family, pre, plan, experts, RouterConfig(layer=2, normalisation=normalisation,
-                                                              temperature=1e-3, mass=1 / 0.9))
+                                                              temperature=1e-3, gain=1 / 0.3))
     batch = family.tokenize(TEXTS)
     feats, routing = se.features(batch, "exact")
     assert torch.all(routing.weights.max(-1).values > 0.999)
@@ -191,12 +235,12 @@ def test_routed_sample_reproduces_its_expert(setup, normalisation: str) -> None:
 def test_se_merging_modes_agree_with_their_references(setup) -> None:
     family, pre, experts = setup
     plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)
-    se = SEMerging(family, pre, plan, experts, RouterConfig(layer=1, normalisation="relative", temperature=0.5, mass=1.0))
+    se = SEMerging(family, pre, plan, experts, RouterConfig(layer=1, normalisation="relative", temperature=0.5, gain=3.0))
     batch = family.tokenize(TEXTS)
     exact, routing = se.features(batch, "exact")
     ref, _ = se.features(batch, "reference", routing=routing)
     assert _rel(exact, ref) < 1e-5
-    assert torch.allclose(routing.coefficients.sum(-1), torch.full((len(TEXTS),), 0.9), atol=1e-5)
+    assert torch.allclose(routing.coefficients.sum(-1), torch.full((len(TEXTS),), 0.9), atol=1e-5)  # gain 3 x 0.3
 
     # single pass: static merge up to the probe layer, prototype routing there, per-sample above it
     se.calibrate({"a": TEXTS[:3], "b": TEXTS[3:6], "c": TEXTS[6:]})
@@ -217,15 +261,15 @@ def test_se_merging_modes_agree_with_their_references(setup) -> None:
 def test_fast_grouped_path_against_per_sample_reference(setup) -> None:
     family, pre, experts = setup
     plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)
-    se = SEMerging(family, pre, plan, experts, RouterConfig(layer=2, temperature=0.3, mass=1.0), groups="prototype")
+    se = SEMerging(family, pre, plan, experts, RouterConfig(layer=2, temperature=0.3, gain=3.0), groups="prototype")
     protos = se.calibrate({"a": TEXTS[:2], "b": TEXTS[2:5], "c": TEXTS[5:]})
     batch = family.tokenize(TEXTS)
     feats, routing = se.features(batch, "fast")
     # groups="prototype": equations (3)-(5) for a sample sitting on each prototype, by hand
     d = torch.cdist(protos, protos)
-    z = (d - d.mean(-1, keepdim=True)) / (d.std(-1, keepdim=True, unbiased=False) + 1e-8)
+    z = d / d.abs().mean(-1, keepdim=True)
     w = torch.softmax(-z / 0.3, -1)
-    q = 0.9 * w * 0.3 / (w * 0.3).sum(-1, keepdim=True)
+    q = 3.0 * 0.3 * w * 0.3 / (w * 0.3).sum(-1, keepdim=True)  # gain 3 x mean coefficient 0.3
     assert torch.allclose(se.group_coefficients(), q, atol=1e-6)
     m = family.probe(batch, se.static, [2])[2]
     chosen = torch.cdist(m, protos).argmin(-1)
@@ -237,13 +281,13 @@ def test_fast_grouped_path_against_per_sample_reference(setup) -> None:
         assert torch.allclose(routing.coefficients[b], q[chosen[b]])
 
 
-def _calibration_coefficients(se, family, texts, temperature, mass):
+def _calibration_coefficients(se, family, texts, temperature, gain):
     """Equations (3)-(5) under the prototype rule for each text, from the static merge's probe, by hand."""
     m = family.probe(family.tokenize(texts), se.static, [se.config.layer])[se.config.layer]
     d = torch.cdist(m, se.prototypes)
-    z = (d - d.mean(-1, keepdim=True)) / (d.std(-1, keepdim=True, unbiased=False) + 1e-8)
+    z = d / d.abs().mean(-1, keepdim=True)
     w = torch.softmax(-z / temperature, -1)
-    return mass * 0.9 * w * 0.3 / (w * 0.3).sum(-1, keepdim=True)
+    return gain * 0.3 * w * 0.3 / (w * 0.3).sum(-1, keepdim=True)
 
 
 def test_coefficient_codebook_by_hand() -> None:
@@ -271,9 +315,9 @@ def test_fast_quantized_groups(setup) -> None:
     family, pre, experts = setup
     plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)
     calib = {"a": TEXTS[:3], "b": TEXTS[3:6], "c": TEXTS[6:]}
-    se = SEMerging(family, pre, plan, experts, RouterConfig(layer=1, temperature=0.5, mass=0.8), groups_per_task=1)
+    se = SEMerging(family, pre, plan, experts, RouterConfig(layer=1, temperature=0.5, gain=2.4), groups_per_task=1)
     se.calibrate(calib)
-    c = _calibration_coefficients(se, family, TEXTS, 0.5, 0.8)
+    c = _calibration_coefficients(se, family, TEXTS, 0.5, 2.4)
     codes = se.group_coefficients()
     assert codes.shape == (3, 3)
     # Lloyd's fixed point: every code is the mean of the calibration vectors nearest to it
@@ -289,7 +333,7 @@ def test_fast_quantized_groups(setup) -> None:
         assert torch.allclose(routing.coefficients[b], codes[near[b]])
     # with as many codes as calibration texts the quantisation is lossless on them: the fast path equals the
     # exact per-sample forward under the same (prototype) routing
-    se_all = SEMerging(family, pre, plan, experts, RouterConfig(layer=1, temperature=0.5, mass=0.8), groups_per_task=4)
+    se_all = SEMerging(family, pre, plan, experts, RouterConfig(layer=1, temperature=0.5, gain=2.4), groups_per_task=4)
     se_all.calibrate(calib)
     assert len(se_all.group_coefficients()) == len(TEXTS)
     fast, froute = se_all.features(batch, "fast")
@@ -344,7 +388,7 @@ def test_low_rank_factors_reconstruct_truncated_svd(setup) -> None:
 def test_lowrank_mode_full_rank_is_exact_and_low_rank_matches_truncated_reference(setup) -> None:
     family, pre, experts = setup
     plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)
-    cfg = RouterConfig(layer=1, normalisation="relative", temperature=0.5, mass=1.0)
+    cfg = RouterConfig(layer=1, normalisation="relative", temperature=0.5, gain=3.0)
     batch = family.tokenize(TEXTS)
     width = family.hidden_size * 4  # the largest matrix side: full rank
     se = SEMerging(family, pre, plan, experts, cfg, lowrank_rank=width)
@@ -371,3 +415,45 @@ def test_lowrank_mode_full_rank_is_exact_and_low_rank_matches_truncated_referenc
     assert _rel(low, exact) > 1e-4  # rank 2 is an approximation here, not the exact path
     with pytest.raises(InputError, match="lowrank_rank"):
         SEMerging(family, pre, plan, experts, cfg, lowrank_rank=0)
+
+
+def test_cached_expert_probes_by_hand(setup) -> None:
+    """probes="cached": each expert's mean probe representation of its own task's texts stands for e_t(x)."""
+    family, pre, experts = setup
+    plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)
+    cfg = RouterConfig(layer=1, normalisation="raw", temperature=0.5, gain=2.0, probes="cached")
+    se = SEMerging(family, pre, plan, experts, cfg)
+    batch = family.tokenize(TEXTS)
+    with pytest.raises(InputError, match="cache_experts"):
+        se.route(batch)
+    calib = {"a": TEXTS[:3], "b": TEXTS[3:6], "c": TEXTS[6:]}
+    se.cache_experts(calib)
+    ebar = torch.stack([family.probe(family.tokenize(calib[t]), experts[t], [1])[1].mean(0) for t in TASKS])
+    assert torch.allclose(se.expert_cache, ebar, atol=1e-6)
+    m = family.probe(batch, se.static, [1])[1]
+    d = torch.stack([(m - ebar[i]).norm(dim=-1) for i in range(3)], -1)  # [B, T], by hand
+    w = torch.softmax(-(d / d.mean(-1, keepdim=True)) / 0.5, -1)
+    routing = se.route(batch)
+    assert torch.allclose(routing.scores, d, atol=1e-5)
+    assert torch.allclose(routing.coefficients, 2.0 * 0.3 * w, atol=1e-5)  # equal base coefficients
+    # live probes read each expert's representation of the input itself: other scores
+    live = se.route(batch, se.with_config(probes="live"))
+    e = torch.stack([family.probe(batch, experts[t], [1])[1] for t in TASKS])
+    assert torch.allclose(live.scores, (m[None] - e).norm(dim=-1).T, atol=1e-5)
+    assert not torch.allclose(live.scores, routing.scores, atol=1e-3)
+
+
+def test_se_params_and_rows_say_which_probes_and_data() -> None:
+    from mergelab import methods
+    from mergelab.experiment.rows import resolve
+    from mergelab.methods.dynamic import SEParams
+
+    with pytest.raises(InputError, match=r"no parameter\(s\) \['mass'\].*'gain'"):  # mass was replaced by gain
+        methods.get("se_merging").check({"mass": 0.5})
+    assert SEParams().probes == "live" and SEParams().scale == "mean"
+    rows = {r.name: r for r in resolve(["se_merging_task_arithmetic", "se_merging_task_arithmetic_cached",
+                                        "se_prototype_task_arithmetic"])}
+    assert rows["se_merging_task_arithmetic"].data() == "nothing"
+    assert rows["se_merging_task_arithmetic_cached"].params["probes"] == "cached"
+    assert rows["se_merging_task_arithmetic_cached"].data() == "calibration"
+    assert rows["se_prototype_task_arithmetic"].data() == "calibration"

@@ -112,7 +112,7 @@ def test_per_sample_mixing_over_adapters_equals_per_sample_merged_models(pool) -
 @pytest.mark.parametrize("rule", ["raw", "relative", "ratio", "prototype"])
 def test_se_merging_over_adapters_equals_per_sample_merged_models(pool, rule) -> None:
     family, pre, adapters, bodies = pool
-    cfg = RouterConfig(layer=1, normalisation=rule, temperature=0.5, mass=1.0)
+    cfg = RouterConfig(layer=1, normalisation=rule, temperature=0.5, gain=3.0)
     se = SEMerging(family, pre, make_plan("task_arithmetic", pre, adapters, scaling=0.3), bodies, cfg)
     assert not se.stacked.tensors  # every mixed weight is factored
     if rule == "prototype":

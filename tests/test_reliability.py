@@ -292,7 +292,8 @@ def test_router_parameters():
     from mergelab.methods.dynamic.router import rescale, routing_weights
 
     for field, value, needle in [("temperature", -1.0, "'temperature' must be a positive"),
-                                 ("temperature", 0.0, "'temperature'"), ("mass", float("nan"), "'mass'"),
+                                 ("temperature", 0.0, "'temperature'"), ("gain", float("nan"), "'gain'"),
+                                 ("scale", "max", "'scale'"), ("probes", "stored", "'probes'"),
                                  ("layer", -2, "'layer' (probe layer)"), ("layer", 1.5, "'layer'"),
                                  ("normalisation", "cosine", "'normalisation'")]:
         with pytest.raises(InputError) as err:
@@ -300,8 +301,8 @@ def test_router_parameters():
         assert needle in str(err.value)
     with pytest.raises(InputError, match="'temperature'"):
         routing_weights(torch.zeros(2, 3), -0.5)
-    with pytest.raises(InputError, match="'mass'"):
-        rescale(torch.full((2, 3), 1 / 3), [0.3, 0.3, 0.3], mass=-1)
+    with pytest.raises(InputError, match="'gain'"):
+        rescale(torch.full((2, 3), 1 / 3), [0.3, 0.3, 0.3], gain=-1)
 
 
 def test_probe_layer_beyond_the_depth(pool):

@@ -305,7 +305,7 @@ def sweep(
 @app.command()
 @input_errors_exit_2
 def analyze(
-    kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select | lowrank | fast-groups"),
+    kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select | lowrank | fast-groups | approximations | se-defaults"),
     benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark whose experts to analyse."),
     config: Path | None = typer.Option(None, "--config", "-c", help="A pool config (pool: + evaluation:) to analyse instead: its held-out validation examples."),
     out: Path = typer.Option(Path("runs/analysis"), "--out", "-o", help="Folder for the JSON and PNG files."),
@@ -313,7 +313,7 @@ def analyze(
     layer: int | None = typer.Option(None, "--layer", help="SE-Merging probe layer (default: the router's)."),
     normalisation: str | None = typer.Option(None, "--normalisation", help="raw | relative | ratio | prototype."),
     temperature: float | None = typer.Option(None, "--temperature", help="Softmax temperature (> 0)."),
-    mass: float | None = typer.Option(None, "--mass", help="Total coefficient mass relative to the static merge's (1.0 = same total)."),
+    gain: float | None = typer.Option(None, "--gain", help="Total coefficient mass in units of the base's mean coefficient (number of tasks = the static total)."),
     n_per_task: int = typer.Option(100, "--n-per-task", help="Validation samples per task to analyse."),
     layers: list[int] | None = typer.Option(None, "--layers", help="probe-sweep: layers to sweep (repeatable)."),
     ranks: list[int] | None = typer.Option(None, "--ranks", help="lowrank: task-vector ranks to try (repeatable; default 4 16 64)."),
@@ -328,7 +328,11 @@ def analyze(
     model, SE-Merging reference / exact / fast / lowrank and an ensemble. se-select: the default-choosing
     study. lowrank: accuracy and cost of the low-rank per-sample forward per rank (--ranks).
     fast-groups: accuracy and cost of the fast path's merged models, one per task at its prototype or
-    quantized per-sample coefficients (--groups-per-task).
+    quantized per-sample coefficients (--groups-per-task). approximations: every approximate path (fast,
+    single-pass, lowrank at --ranks, default 8 32 128; prototype-exact; cached expert probes) against the
+    exact one sample by sample, on a stratified sample of --n-per-task texts per task of the benchmark's
+    TEST split (nothing is chosen there). se-defaults: the
+    temperature x gain grid on validation for the first 2, the first 3 and all tasks.
 
     Example:
 
@@ -339,7 +343,7 @@ def analyze(
     if config is not None and (benchmark != "text5" or cache is not None):
         raise InputError("--config names the pool; drop --benchmark and --cache")
     router = {k: v for k, v in {"layer": layer, "normalisation": normalisation, "temperature": temperature,
-                                "mass": mass}.items() if v is not None}
+                                "gain": gain}.items() if v is not None}
     files = analyze_run(kind, out, benchmark=benchmark, config=config, cache=cache, router=router,
                         n_per_task=n_per_task, layers=layers, ranks=ranks, groups_per_task=groups_per_task,
                         quiet=quiet)

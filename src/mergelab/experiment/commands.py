@@ -301,7 +301,7 @@ def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path 
     if groups_per_task and any(g < 1 for g in groups_per_task):
         raise InputError(f"--groups-per-task must be positive integers, got {list(groups_per_task)}")
     group_list = tuple(groups_per_task) if groups_per_task else (1, 2, 3, 4)
-    rank_list = tuple(ranks) if ranks else (4, 16, 64)
+    rank_list = tuple(ranks) if ranks else ((8, 32, 128) if kind == "approximations" else (4, 16, 64))
     created = not out.exists()
     start_command_run(out, "analyze", {
         "kind": kind, "benchmark": None if config is not None else benchmark, "config": config, "cache": cache,

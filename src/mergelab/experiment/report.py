@@ -38,10 +38,13 @@ STDERR_NOTE = ("± one standard error (binomial, from each task's test-set size;
 
 def accuracy_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The accuracy table every renderer shows (terminal, Markdown, HTML): header and rows of cells, each
-    accuracy in % with its standard error where the test-set sizes are known (``results["splits"]``)."""
+    accuracy in % with its standard error where the test-set sizes are known (``results["splits"]``), and a
+    ``reads`` column (``row.data``: nothing, unlabeled, calibration, validation) where the rows record it."""
     tasks = list(results["tasks"])
     sizes = {t: (results.get("splits") or {}).get(t, {}).get("test") for t in tasks}
-    header = ["method", *tasks, "average", "normalised", "seconds"]
+    # what each row read beyond the input it scores (results.json's row.data), where the file records it
+    reads = any("data" in row for row in results["methods"].values())
+    header = ["method", *(["reads"] if reads else []), *tasks, "average", "normalised", "seconds"]
     rows = []
     for name, row in results["methods"].items():
         per_task = row["per_task"]
@@ -49,7 +52,7 @@ def accuracy_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str
         avg_se = None
         if tasks and all(e is not None for e in errors.values()):
             avg_se = math.sqrt(sum(e * e for e in errors.values())) / len(tasks)
-        rows.append([name, *[_pct_se(per_task.get(t), errors[t]) for t in tasks], _pct_se(row.get("average"), avg_se),
+        rows.append([name, *([row.get("data") or "-"] if reads else []), *[_pct_se(per_task.get(t), errors[t]) for t in tasks], _pct_se(row.get("average"), avg_se),
                      _pct(row.get("normalized_average")), f"{row.get('seconds') or 0:.0f}"])
     return header, rows
 

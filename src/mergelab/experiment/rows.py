@@ -40,7 +40,8 @@ class Row:
 
     def data(self) -> str:
         """What data the row reads beyond the input: keys of :data:`mergelab.methods.DATA_NEEDS` joined by
-        ``+`` (a searched row reads labeled validation data; the prototype fast paths, calibration inputs;
+        ``+`` (a searched row reads labeled validation data; the prototype fast paths and the paper's rule with
+        cached expert representations (``probes="cached"``), calibration inputs;
         a row also reads what the rows it takes values or heads from read)."""
         needs = {methods.get(self.method).needs}
         if self.search:
@@ -48,8 +49,9 @@ class Row:
         table = {r.name: r for r in TABLE}
         for dep in dependencies(self):  # what the rows it reads from (@ROW.KEY, heads_from) read
             needs |= set((table.get(dep) or Row(dep, dep)).data().split("+"))
-        if methods.get(self.method).kind == "dynamic" and self.params.get("mode") in PROTOTYPE_MODES:
-            needs.add("calibration")
+        if methods.get(self.method).kind == "dynamic" and (self.params.get("mode") in PROTOTYPE_MODES
+                                                           or self.params.get("probes") == "cached"):
+            needs.add("calibration")  # prototypes, or the cache of expert representations
         if len(needs) > 1:
             needs.discard("nothing")
         return "+".join(k for k in methods.DATA_NEEDS if k in needs)
@@ -64,6 +66,8 @@ TABLE: tuple[Row, ...] = (
     Row("dare_task_arithmetic", "dare", {"drop_rate": 0.5, "seed": 0, "combine": "task_arithmetic"}, LAMBDAS),
     Row("dare_ties", "dare", {"drop_rate": 0.5, "seed": 0, "combine": "ties", "density": 0.2}, TIES_GRID),
     Row("se_merging_task_arithmetic", "se_merging", {"base": "task_arithmetic", "base_params": TA03}),
+    Row("se_merging_task_arithmetic_cached", "se_merging",
+        {"base": "task_arithmetic", "base_params": TA03, "probes": "cached"}),
     Row("se_prototype_task_arithmetic", "se_prototype", {"base": "task_arithmetic", "base_params": TA03}),
     Row("se_prototype_ties", "se_prototype", {"base": "ties", "base_params": {"density": 0.2, "scaling": "@ties.scaling"}}),
     Row("se_prototype_task_arithmetic_fast", "se_prototype",

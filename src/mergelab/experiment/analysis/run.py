@@ -10,7 +10,9 @@ from mergelab.core.errors import InputError
 from mergelab.core.io import atomic_write_text
 from mergelab.experiment import plots
 from mergelab.experiment.analysis.se_study import (
+    approximations_study,
     cost_study,
+    defaults_study,
     fast_groups_study,
     grid_study,
     lowrank_study,
@@ -19,7 +21,43 @@ from mergelab.experiment.analysis.se_study import (
 )
 from mergelab.methods.dynamic import NORMALISATIONS, RouterConfig
 
-KINDS = ("auto-adaptation", "routing", "probe-sweep", "cost", "se-select", "lowrank", "fast-groups")
+KINDS = ("auto-adaptation", "routing", "probe-sweep", "cost", "se-select", "lowrank", "fast-groups", "approximations",
+         "se-defaults")
+# se-defaults: the temperature and gain grid (scale-free distances) and the task subsets it is chosen over
+DEFAULTS_TEMPERATURES = (0.03, 0.1, 0.3, 1.0)
+DEFAULTS_GAINS = (1.5, 2.5, 1 / 0.3)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def approximations_markdown(study: dict) -> str:
+    """The table of :func:`approximations_study`: one line per path."""
+    lines = ["| path | reference | average accuracy | agreement with reference | coefficient L1 | feature error |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, row in study["paths"].items():
+        ref = row.get("against_reference")
+        cells = [name, ref["reference"] if ref else "-", _pct(row["average"])]
+        cells += ([_pct(ref["agreement"]), f"{ref['coefficient_l1']:.4f}", f"{ref['feature_error']:.4f}"]
+                  if ref else ["-", "-", "-"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def defaults_markdown(study: dict) -> str:
+    """The table of :func:`defaults_study`: one line per (temperature, gain), one column per task subset."""
+    subsets = study["subsets"]
+    head = [f"T = {len(s['tasks'])}" for s in subsets]
+    lines = ["| temperature | gain | " + " | ".join(head) + " | mean |", "|---:|---:|" + "---:|" * (len(head) + 1)]
+    for k, cell in enumerate(study["mean_over_subsets"]):
+        vals = [_pct(s["grid"][k]["average"]) for s in subsets]
+        lines.append(f"| {cell['temperature']:g} | {cell['gain']:.3g} | " + " | ".join(vals) + f" | {_pct(cell['average'])} |")
+    old = [_pct(s["old_defaults"]["average"]) for s in subsets]
+    lines.append("| old: standardised, 1.0 | mass 0.5 | " + " | ".join(old) + f" | {_pct(sum(s['old_defaults']['average'] for s in subsets) / len(subsets))} |")
+    st = [_pct(s["static"]["average"]) for s in subsets]
+    lines.append("| static Task Arithmetic 0.3 | | " + " | ".join(st) + f" | {_pct(sum(s['static']['average'] for s in subsets) / len(subsets))} |")
+    return "\n".join(lines) + "\n"
 
 
 def _write(out: Path, name: str, data) -> Path:
@@ -28,8 +66,8 @@ def _write(out: Path, name: str, data) -> Path:
 
 
 def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None = None, n_per_task: int = 100,
-                 n_calib: int = 32, layers: Sequence[int] | None = None, temperatures: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
-                 masses: Sequence[float] = (0.4, 0.6, 1.0), ranks: Sequence[int] = (4, 16, 64),
+                 n_calib: int = 32, layers: Sequence[int] | None = None, temperatures: Sequence[float] | None = None,
+                 gains: Sequence[float] | None = None, ranks: Sequence[int] = (4, 16, 64),
                  groups_per_task: Sequence[int] = (1, 2, 3, 4), progress: bool = True) -> dict[str, Path]:
     """Run one analysis on the validation split of ``ctx`` (a loaded :class:`~mergelab.pools.pool.ModelPool`)."""
     if kind not in KINDS:
@@ -38,6 +76,9 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
         raise InputError(f"n_per_task and n_calib must be positive, got {n_per_task} and {n_calib}")
     cfg = config or RouterConfig()
     ctx.family.check_layer(cfg.layer)
+    defaults = kind == "se-defaults"
+    temperatures = tuple(temperatures) if temperatures else (DEFAULTS_TEMPERATURES if defaults else (0.1, 0.3, 1.0, 3.0))
+    gains = tuple(gains) if gains else (DEFAULTS_GAINS if defaults else (1.5, 2.5, 3.5))
     out = Path(out)
     files: dict[str, Path] = {}
     if kind in ("auto-adaptation", "routing"):
@@ -47,7 +88,7 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
         files["routing"] = plots.routing_plot(study["routing"], out / "routing_confusion.png")
         files["routing_prototype"] = plots.routing_plot(study["routing_prototype"], out / "routing_confusion_prototype.png")
     elif kind == "se-select":
-        # 1) rule and layer by routing accuracy (no forward beyond the probes), 2) temperature and mass by
+        # 1) rule and layer by routing accuracy (no forward beyond the probes), 2) temperature and gain by
         # SE-Merging accuracy, both on validation.
         study = probe_study(ctx, config=cfg, n_per_task=n_per_task, n_calib=n_calib, progress=progress)
         best_rule, best_layer, best_acc = None, None, -1.0
@@ -58,7 +99,7 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
         grid = {}
         for rule in dict.fromkeys([best_rule, cfg.normalisation]):
             grid[rule] = grid_study(ctx, layer=best_layer if rule == best_rule else cfg.layer, normalisation=rule,
-                                    temperatures=temperatures, masses=masses, n_per_task=n_per_task, n_calib=n_calib,
+                                    temperatures=temperatures, gains=gains, n_per_task=n_per_task, n_calib=n_calib,
                                     progress=progress)
         result = {"routing_accuracy": study["routing_accuracy"], "best_rule": best_rule, "best_layer": best_layer,
                   "best_routing_accuracy": best_acc, "grid": grid, "split": "validation",
@@ -85,6 +126,25 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
                                   n_per_task=n_per_task, n_calib=n_calib, progress=progress)
         files["json"] = _write(out, "fast_groups.json", study)
         files["png"] = plots.fast_groups_plot(study, out / "fast_groups.png")
+    elif kind == "approximations":
+        if any(int(r) < 1 for r in ranks):
+            raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
+        study = approximations_study(ctx, ranks=ranks, config=cfg, n_per_task=n_per_task, n_calib=n_calib,
+                                     progress=progress)
+        files["json"] = _write(out, "approximations.json", study)
+        out.mkdir(parents=True, exist_ok=True)
+        files["markdown"] = atomic_write_text(out / "approximations.md", approximations_markdown(study))
+    elif kind == "se-defaults":
+        tasks = list(ctx.splits)
+        subsets = [tasks[:k] for k in dict.fromkeys((2, 3, len(tasks))) if 2 <= k <= len(tasks)]
+        if not subsets:
+            raise InputError(f"se-defaults needs at least two tasks; the pool has {tasks}")
+        study = defaults_study(ctx, subsets=subsets, temperatures=temperatures, gains=gains, layer=cfg.layer,
+                               normalisation=cfg.normalisation, n_per_task=n_per_task, n_calib=n_calib,
+                               progress=progress)
+        files["json"] = _write(out, "se_defaults.json", study)
+        out.mkdir(parents=True, exist_ok=True)
+        files["markdown"] = atomic_write_text(out / "se_defaults.md", defaults_markdown(study))
     else:
         cost = cost_study(ctx, n_samples=max(5, n_per_task), config=cfg)
         files["json"] = _write(out, "cost.json", cost)

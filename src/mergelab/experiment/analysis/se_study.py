@@ -8,7 +8,7 @@ evaluated. Each function returns plain JSON-able dicts; :mod:`mergelab.experimen
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -57,14 +57,14 @@ def probe_study(ctx, *, config: RouterConfig | None = None, split: str = "valida
 
 
 @torch.no_grad()
-def grid_study(ctx, *, layer: int, normalisation: str, temperatures: Sequence[float], masses: Sequence[float],
-               base: str = "task_arithmetic", split: str = "validation", n_per_task: int = 100, n_calib: int = 32,
-               batch_size: int = 64, progress: bool = False) -> list[dict]:
-    """Average accuracy of SE-Merging (exact path) for each (temperature, mass); probes computed once per batch."""
+def grid_study(ctx, *, layer: int, normalisation: str, temperatures: Sequence[float], gains: Sequence[float],
+               scale: str = "mean", base: str = "task_arithmetic", split: str = "validation", n_per_task: int = 100,
+               n_calib: int = 32, batch_size: int = 64, progress: bool = False) -> list[dict]:
+    """Average accuracy of SE-Merging (exact path) for each (temperature, gain); probes computed once per batch."""
     se = se_model(ctx, base, RouterConfig(layer=layer, normalisation=normalisation))
     if normalisation == "prototype":
         se.calibrate(_texts(ctx, split, 0, n_calib))
-    grid = [(t, m) for t in temperatures for m in masses]
+    grid = [(t, g) for t in temperatures for g in gains]
     correct = {g: {t: 0 for t in ctx.splits} for g in grid}
     data = _subsplits(ctx, split, n_calib, n_per_task)
     bar = progress_bar(sum(len(s) for s in data.values()), "SE-Merging grid", progress)
@@ -74,18 +74,18 @@ def grid_study(ctx, *, layer: int, normalisation: str, temperatures: Sequence[fl
             reps = se.representations(batch)
             s = R.scores(normalisation, **reps)
             y = torch.tensor([sub.labels[i] for i in idx])
-            for temp, mass in grid:
-                c = R.rescale(R.routing_weights(s, temp), se.base, mass)
+            for temp, gain in grid:
+                c = R.rescale(R.routing_weights(s, temp, scale), se.base, gain)
                 pred = ctx.heads[task](se.mixed_features(batch, c)).argmax(-1).cpu()
-                correct[(temp, mass)][task] += int((pred == y).sum())
+                correct[(temp, gain)][task] += int((pred == y).sum())
             if bar is not None:
                 bar.update(len(idx))
     if bar is not None:
         bar.close()
     out = []
-    for temp, mass in grid:
-        per = {t: correct[(temp, mass)][t] / len(data[t]) for t in data}
-        out.append({"temperature": temp, "mass": mass,
+    for temp, gain in grid:
+        per = {t: correct[(temp, gain)][t] / len(data[t]) for t in data}
+        out.append({"temperature": temp, "gain": gain, "scale": scale,
                     "per_task": per, "average": sum(per.values()) / len(per)})
     return out
 
@@ -143,16 +143,43 @@ def _timing_batches(ctx, se: SEMerging, data, batch_size: int, n_batches: int) -
     return out
 
 
-def _compare_paths(ctx, paths: dict, batches: list[tuple], data, *, timing: list[tuple], repeats: int) -> tuple:
-    """Accuracy per task of each ``paths[name](batch, routing) -> features`` on ``batches``, and its seconds
-    per sample on ``timing`` (:func:`_timing_batches`): the paths interleaved over ``repeats`` rounds,
-    median, each after a warm-up call (which also builds what a path caches)."""
-    acc = {}
-    for name, fn in paths.items():
-        correct = dict.fromkeys(data, 0)
-        for task, b, y, routing, _n in batches:
-            correct[task] += int((ctx.heads[task](fn(b, routing)).argmax(-1).cpu() == y).sum())
-        acc[name] = {t: correct[t] / len(data[t]) for t in data}
+def _compare_paths(ctx, paths: dict, batches: list[tuple], data, *, timing: list[tuple], repeats: int,
+                   references: Mapping[str, str] | None = None) -> tuple:
+    """Accuracy per task of each ``paths[name](batch, routing)`` on ``batches``, and its seconds per sample on
+    ``timing`` (:func:`_timing_batches`): the paths interleaved over ``repeats`` rounds, median, each after a
+    warm-up call (which also builds what a path caches); ``repeats=0`` times nothing.
+
+    A path returns its features, or ``(features, coefficients [B, T])``. For each ``references[name] = ref``
+    the summary adds, sample by sample against path ``ref`` (computed on the same batches): the share of
+    predictions that agree, the mean L1 distance between the coefficient vectors, and the mean relative
+    feature error ``||f - f_ref|| / ||f_ref||``."""
+    references = dict(references or {})
+    acc, agree = {}, {}
+    correct = {name: dict.fromkeys(data, 0) for name in paths}
+    sums = {name: {"agree": 0, "coef_l1": 0.0, "feature_error": 0.0, "n": 0} for name in references}
+    for task, b, y, routing, _n in batches:
+        got = {}
+        for name, fn in paths.items():
+            out = fn(b, routing)
+            feats, coeffs = out if isinstance(out, tuple) else (out, None)
+            pred = ctx.heads[task](feats).argmax(-1).cpu()
+            got[name] = (feats.float().cpu(), None if coeffs is None else coeffs.float().cpu(), pred)
+            correct[name][task] += int((pred == y).sum())
+        for name, ref in references.items():
+            (f, c, p), (fr, cr, pr) = got[name], got[ref]
+            acc_s = sums[name]
+            acc_s["agree"] += int((p == pr).sum())
+            if c is not None and cr is not None:
+                acc_s["coef_l1"] += float((c - cr).abs().sum(-1).sum())
+            acc_s["feature_error"] += float(((f - fr).norm(dim=-1) / fr.norm(dim=-1).clamp_min(1e-12)).sum())
+            acc_s["n"] += len(p)
+    for name in paths:
+        acc[name] = {t: correct[name][t] / len(data[t]) for t in data}
+    for name, ref in references.items():
+        n = max(1, sums[name]["n"])
+        agree[name] = {"reference": ref, "agreement": sums[name]["agree"] / n,
+                       "coefficient_l1": sums[name]["coef_l1"] / n, "feature_error": sums[name]["feature_error"] / n,
+                       "samples": sums[name]["n"]}
     n_timed = sum(n for *_, n in timing)
     times: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(repeats):
@@ -162,12 +189,16 @@ def _compare_paths(ctx, paths: dict, batches: list[tuple], data, *, timing: list
             for _task, b, _y, r, _n in timing:
                 fn(b, r)
             times[name].append((time.perf_counter() - t0) / n_timed)
-    sec = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    sec = {k: sorted(v)[len(v) // 2] for k, v in times.items() if v}
 
     def summary(name: str) -> dict:
         a = acc[name]
-        return {"average": sum(a.values()) / len(a), "per_task": a, "seconds_per_sample": sec[name],
-                "ratio_to_static": sec[name] / sec["static"]}
+        out = {"average": sum(a.values()) / len(a), "per_task": a}
+        if sec:
+            out.update(seconds_per_sample=sec[name], ratio_to_static=sec[name] / sec["static"])
+        if name in agree:
+            out["against_reference"] = agree[name]
+        return out
 
     return summary, n_timed
 
@@ -304,3 +335,108 @@ def cost_study(ctx, *, n_samples: int = 128, n_reference: int = 16, batch_size: 
         "n_samples": len(texts), "n_reference": n_reference, "batch_size": batch_size, "repeats": repeats,
         "router": se.config.to_dict(), "lowrank_rank": se.lowrank_rank, "threads": torch.get_num_threads(),
     }
+
+
+@torch.no_grad()
+def approximations_study(ctx, *, ranks: Sequence[int] = (8, 32, 128), config: RouterConfig | None = None,
+                         split: str = "test", n_per_task: int | None = None, n_calib: int = 32,
+                         batch_size: int = 64, progress: bool = False) -> dict:
+    """Every approximate SE-Merging path against the exact one, sample by sample (issue 19).
+
+    Reference 1, the exact per-sample forward under the prototype rule (``config``'s router with
+    ``normalisation="prototype"``): the fast path (quantized groups), the single pass and the low-rank path
+    at each of ``ranks``; the static merge for scale. Reference 2, the exact forward under the paper's rule
+    (``raw``, live expert probes): ``prototype-exact`` (prototype routing, then the same exact forward) and
+    the paper's rule with cached expert representations (``probes="cached"``). Per path: average accuracy,
+    prediction agreement with its reference, mean L1 distance of the per-sample coefficient vectors and mean
+    relative feature error. Evaluated on ``split`` (default the benchmark's test split, all of it unless
+    ``n_per_task``: a stratified seeded sample per task); the prototypes and the expert cache read the first ``n_calib`` validation texts per task.
+    Nothing is chosen here: the router's parameters come in fixed.
+    """
+    cfg = config or RouterConfig()
+    proto_cfg = RouterConfig(**{**cfg.to_dict(), "normalisation": "prototype", "probes": "live"})
+    paper_cfg = RouterConfig(**{**cfg.to_dict(), "normalisation": "raw", "probes": "live"})
+    calib = _texts(ctx, "validation", 0, n_calib)
+    se = se_model(ctx, config=proto_cfg)
+    se.calibrate(calib)
+    paper = se_model(ctx, config=paper_cfg)
+    paper.calibrate(calib)  # the prototypes of prototype-exact
+    cached = se_model(ctx, config=RouterConfig(**{**paper_cfg.to_dict(), "probes": "cached"}))
+    cached.cache_experts(calib)
+    start = n_calib if split == "validation" else 0  # validation: after the calibration texts
+    data = _subsplits(ctx, split, start, 10**9)
+    if n_per_task is not None:  # a stratified seeded sample of each task, not a prefix
+        data = {t: s.sample(n_per_task, 0) for t, s in data.items()}
+    batches = _routed_batches(ctx, se, data, batch_size)
+    base = se.base
+
+    def static(b, r):
+        return ctx.family.features(b, se.static), base.expand(len(r.coefficients), -1)
+
+    def mode(model, m):
+        def fn(b, r):
+            feats, routing = model.features(b, m, routing=r if model is se and m in ("exact", "lowrank") else None)
+            return feats, routing.coefficients
+        return fn
+
+    def lowrank(rank):
+        def fn(b, r):
+            se.lowrank_rank = int(rank)
+            return se.features(b, "lowrank", routing=r)[0], r.coefficients
+        return fn
+
+    paths = {"static": static, "exact": mode(se, "exact"), "fast": mode(se, "fast"),
+             "single-pass": mode(se, "single-pass"), **{f"lowrank {r}": lowrank(r) for r in ranks},
+             "paper exact": mode(paper, "exact"), "paper prototype-exact": mode(paper, "prototype-exact"),
+             "paper cached": mode(cached, "exact")}
+    refs = {"static": "exact", "fast": "exact", "single-pass": "exact", **{f"lowrank {r}": "exact" for r in ranks},
+            "paper prototype-exact": "paper exact", "paper cached": "paper exact"}
+    summary, _ = _compare_paths(ctx, paths, batches, data, timing=[], repeats=0, references=refs)
+    errors = {}
+    for rank in ranks:
+        se.lowrank_rank = int(rank)
+        e = se.low_rank_factors()[1]
+        errors[int(rank)] = sum(e.values()) / max(1, len(e))
+    return {"split": split, "n_per_task": {t: len(s) for t, s in data.items()}, "n_calib": n_calib,
+            "router": cfg.to_dict(), "groups_per_task": se.groups_per_task, "task_vector_rank_error": errors,
+            "paths": {name: summary(name) for name in paths}}
+
+
+@torch.no_grad()
+def defaults_study(ctx, *, subsets: Sequence[Sequence[str]], temperatures: Sequence[float], gains: Sequence[float],
+                   layer: int = 1, normalisation: str = "prototype", old: tuple[float, float] = (1.0, 0.5),
+                   n_per_task: int = 100, n_calib: int = 32, batch_size: int = 64, progress: bool = False) -> dict:
+    """SE-Merging's temperature and gain on *validation* data for several task counts (issue 19).
+
+    For each task subset (``ModelPool.restrict``): the exact path's average validation accuracy for every
+    (temperature, gain) with the scale-free distances (``scale="mean"``), the old defaults (standardised
+    distances, temperature ``old[0]``, relative mass ``old[1]`` = gain ``old[1] * T``) and the static Task
+    Arithmetic 0.3 merge. ``best``: the cell with the highest mean over the subsets of the average accuracy.
+    """
+    out = {"split": "validation", "n_per_task": n_per_task, "n_calib": n_calib, "layer": layer,
+           "normalisation": normalisation, "subsets": []}
+    for tasks in subsets:
+        sub = ctx.restrict(list(tasks))
+        grid = grid_study(sub, layer=layer, normalisation=normalisation, temperatures=temperatures, gains=gains,
+                          n_per_task=n_per_task, n_calib=n_calib, batch_size=batch_size, progress=progress)
+        before = grid_study(sub, layer=layer, normalisation=normalisation, temperatures=(old[0],),
+                            gains=(old[1] * len(tasks),), scale="std", n_per_task=n_per_task, n_calib=n_calib,
+                            batch_size=batch_size, progress=progress)[0]
+        se = se_model(sub)
+        static = {}
+        for task, s in _subsplits(sub, "validation", n_calib, n_per_task).items():
+            ok = 0
+            for idx in iter_batches(s.texts, batch_size):
+                b = sub.family.tokenize([s.texts[i] for i in idx])
+                ok += int((sub.heads[task](sub.family.features(b, se.static)).argmax(-1).cpu()
+                           == torch.tensor([s.labels[i] for i in idx])).sum())
+            static[task] = ok / len(s)
+        out["subsets"].append({"tasks": list(tasks), "grid": grid, "old_defaults": before,
+                               "static": {"per_task": static, "average": sum(static.values()) / len(static)}})
+    cells = [(g["temperature"], g["gain"]) for g in out["subsets"][0]["grid"]]
+    mean = {c: sum(next(g["average"] for g in s["grid"] if (g["temperature"], g["gain"]) == c)
+                   for s in out["subsets"]) / len(out["subsets"]) for c in cells}
+    best = max(cells, key=lambda c: mean[c])
+    out["mean_over_subsets"] = [{"temperature": t, "gain": g, "average": mean[(t, g)]} for t, g in cells]
+    out["best"] = {"temperature": best[0], "gain": best[1], "average": mean[best]}
+    return out

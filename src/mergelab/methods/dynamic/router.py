@@ -1,31 +1,45 @@
 """SE-Merging's router: from probe representations to per-sample merging coefficients.
 
 SE-Merging (Chen et al., "SE-Merging: A Self-Enhanced Approach for Dynamic Model Merging", arXiv
-2506.18135) identifies a sample's task from where the merged model's representation of it sits
-relative to the experts' representations, then rescales the merging coefficients so that task's
-vector dominates. The paper leaves the normalisation, the temperature and the total coefficient mass
-unpublished; mergelab implements the following, with each choice a parameter.
+2506.18135, Sec. 4) identifies a sample's task from where the merged model's representation of it sits
+relative to the experts' representations, then rescales the merging coefficients so that task's vector
+dominates. The paper leaves the normalisation, the temperature and the total coefficient mass
+unpublished; mergelab implements the following, with each choice a parameter (docs/methods.md).
 
 For a sample x, with pooled representations at probe layer l of the statically merged model m(x), of
 each expert e_t(x) and (for the relative rules) of the pretrained model p(x):
 
     score s_t(x), smaller = more likely task t, by ``normalisation``:
-        "raw"       s_t = ||m - e_t||                     (the paper's nearest-expert rule)
+        "raw"       s_t = ||m - e_t||                     (the paper's rule: l2 to each expert)
         "relative"  s_t = ||m - e_t|| - ||p - e_t||       (how much nearer the merge moved x to e_t)
         "ratio"     s_t = ||m - e_t|| / ||p - e_t||
         "prototype" s_t = ||m - mu_t||, mu_t the mean of m over a small calibration set of task t
                     (no expert pass at all: the fast path)                                       (3)
+    ``probes="live"``: e_t(x) from T partial forward passes of the input (the paper's live probes);
+    ``probes="cached"``: e_t(x) replaced by ebar_t, expert t's mean representation of a few inputs of
+    task t, computed once (a cache of expert representations: no expert pass at test time).
 
-    standardise across tasks:  z_t = (s_t - mean_s s_s) / (std_s s_s + 1e-8)
+    scale-free distances (``scale="mean"``, the default):
+                               z_t = s_t / mean_s |s_s|
     routing weights:           w_t = softmax_t(-z_t / temperature)                               (4)
-    coefficients:              lambda_t(x) = M * w_t lambda_t / sum_s w_s lambda_s,
-                               M = mass * sum_s lambda_s                                         (5)
+    coefficients:              lambda_t(x) = G * lbar * w_t lambda_t / sum_s w_s lambda_s,
+                               lbar = mean_s lambda_s,  G = ``gain``                            (5)
 
-lambda_t are the base method's static coefficients (0.3 for Task Arithmetic). ``mass`` is the total
-coefficient mass relative to the static merge's: with ``mass = 1`` uniform weights give back the
-static merge exactly; as the temperature goes to 0 all of M goes to the identified task, and
-``M = 1`` (``mass = 1 / sum_s lambda_s``) then reproduces that task's expert (Task Arithmetic vectors).
-Being relative, one ``mass`` means the same for Task Arithmetic (sum 0.3 T) and TIES (sum T * scaling).
+Why these two definitions (issue 19): their meaning does not depend on the number of tasks T.
+
+- Dividing by the mean magnitude makes z invariant to the scale of the representations (one
+  temperature serves every layer and rule) and keeps the *differences* between distances: softmax is
+  shift-invariant, so w_t = softmax(-(s_t - s_min) / (temperature * mean|s|)), and a task whose distance
+  exceeds the nearest one by ``temperature`` times the mean distance gets e^-1 of its weight, for any
+  T. The old standardisation (``scale="std"``, kept for comparison), z_t = (s_t - mean s) / std s, maps
+  any two distances to z = -1, +1 when T = 2: the weights were then 0.88 / 0.12 (temperature 1) whatever
+  the distances were.
+- ``gain`` is the total coefficient mass in units of the base method's mean coefficient lbar (0.3 for
+  Task Arithmetic), so when the router is certain of task t that task's coefficient is G * lbar: G = 1 /
+  lbar reproduces expert t (Task Arithmetic vectors), G = T gives back the static merge for uniform
+  weights. The old ``mass`` was relative to the *sum* of the static coefficients, M = mass * T * lbar:
+  with T = 2 and mass 0.5 the identified task got at most 0.3, its static coefficient, so nothing was
+  amplified. ``gain = mass * T`` converts an old setting.
 """
 
 from __future__ import annotations
@@ -41,16 +55,22 @@ from mergelab.core.errors import InputError, ParameterError
 
 NORMALISATIONS = ("raw", "relative", "ratio", "prototype")
 NEEDS_PRETRAINED = ("relative", "ratio")
+SCALES = ("mean", "std")  # equation (4): scale-free distances (default) or the old standardisation
+PROBES = ("live", "cached")  # expert representations: T partial passes per input, or a cache (equation (3))
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """SE-Merging's free parameters. Defaults were chosen on the text5 *validation* splits (docs/methods.md)."""
+    """SE-Merging's free parameters. Rule and layer were chosen on the text5 *validation* splits; temperature
+    0.1 and gain 2.5 are provisional until ``mergelab analyze se-defaults`` (validation, 2, 3 and 5 tasks)
+    has run (docs/methods.md)."""
 
     layer: int = 1
     normalisation: str = "prototype"
-    temperature: float = 1.0
-    mass: float = 0.5  # total coefficient mass / the static merge's (1.0: uniform weights = static merge)
+    temperature: float = 0.1
+    gain: float = 2.5  # total coefficient mass / the base's mean coefficient (1 / lbar = the expert when certain)
+    scale: str = "mean"
+    probes: str = "live"
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
@@ -58,7 +78,14 @@ class RouterConfig:
         if self.normalisation not in NORMALISATIONS:
             raise ParameterError('normalisation', f"parameter 'normalisation' must be one of {NORMALISATIONS}, got {self.normalisation!r}")
         _positive("temperature", self.temperature)
-        _positive("mass", self.mass)
+        _positive("gain", self.gain)
+        if self.scale not in SCALES:
+            raise ParameterError('scale', f"parameter 'scale' must be one of {SCALES}, got {self.scale!r}")
+        if self.probes not in PROBES:
+            raise ParameterError('probes', f"parameter 'probes' must be one of {PROBES}, got {self.probes!r}")
+        if self.probes == "cached" and self.normalisation == "prototype":
+            raise ParameterError('probes', "parameter 'probes': the prototype rule runs no expert probe; "
+                                 "'cached' applies to the expert rules (raw, relative, ratio)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +108,8 @@ def scores(
     pretrained: Tensor | None = None,
     prototypes: Tensor | None = None,
 ) -> Tensor:
-    """Equation (3): ``[B, T]`` scores, smaller = more likely. ``experts`` is ``[T, B, H]``; ``prototypes`` ``[T, H]``."""
+    """Equation (3): ``[B, T]`` scores, smaller = more likely. ``experts`` is ``[T, B, H]`` (live probes)
+    or ``[T, 1, H]`` (cached: one representation per expert, broadcast over the batch); ``prototypes`` ``[T, H]``."""
     if normalisation == "prototype":
         if prototypes is None:
             raise InputError("normalisation 'prototype' needs prototypes (calibrate the router first)")
@@ -101,23 +129,32 @@ def scores(
     return d / d0.clamp_min(1e-12)
 
 
-def routing_weights(s: Tensor, temperature: float) -> Tensor:
-    """Equation (4): standardise the scores across tasks, then ``softmax(-z / temperature)``."""
+def routing_weights(s: Tensor, temperature: float, scale: str = "mean") -> Tensor:
+    """Equation (4): ``softmax(-z / temperature)`` with ``z = s / mean|s|`` (``scale="mean"``) or the old
+    standardisation across tasks ``z = (s - mean s) / std s`` (``scale="std"``: z = -1, +1 for any two tasks)."""
     _positive("temperature", temperature)
+    if scale not in SCALES:
+        raise InputError(f"scale must be one of {SCALES}, got {scale!r}")
     if s.shape[-1] == 1:
         return torch.ones_like(s)
-    if s.numel() == 0:  # no sample (an empty batch): nothing to standardise
+    if s.numel() == 0:  # no sample (an empty batch): nothing to normalise
         return torch.empty_like(s)
-    z = (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True, unbiased=False) + 1e-8)
+    if scale == "mean":
+        z = s / (s.abs().mean(-1, keepdim=True) + 1e-12)
+    else:
+        z = (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True, unbiased=False) + 1e-8)
     return torch.softmax(-z / temperature, dim=-1)
 
 
-def rescale(weights: Tensor, base: Sequence[float] | Tensor, mass: float = 1.0) -> Tensor:
-    """Equation (5): ``lambda_t(x) = mass * sum(lambda) * w_t lambda_t / sum_s w_s lambda_s``; ``[B, T]``."""
+def rescale(weights: Tensor, base: Sequence[float] | Tensor, gain: float | None = None) -> Tensor:
+    """Equation (5): ``lambda_t(x) = gain * mean(lambda) * w_t lambda_t / sum_s w_s lambda_s``; ``[B, T]``.
+
+    ``gain=None`` is T: uniform weights then give back the static coefficients."""
     lam = torch.as_tensor(base, dtype=weights.dtype, device=weights.device)
     if lam.ndim != 1 or lam.numel() != weights.shape[-1]:
         raise InputError(f"need one base coefficient per task ({weights.shape[-1]}), got shape {tuple(lam.shape)}")
-    total = _positive("mass", mass) * float(lam.sum())
+    g = float(lam.numel()) if gain is None else _positive("gain", gain)
+    total = g * float(lam.mean())
     wl = weights * lam
     return total * wl / wl.sum(-1, keepdim=True).clamp_min(1e-12)
 
@@ -125,8 +162,8 @@ def rescale(weights: Tensor, base: Sequence[float] | Tensor, mass: float = 1.0) 
 def coefficients(config: RouterConfig, base: Sequence[float] | Tensor, **reps: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Scores, weights and per-sample coefficients for one batch: equations (3) to (5)."""
     s = scores(config.normalisation, **reps)
-    w = routing_weights(s, config.temperature)
-    return s, w, rescale(w, base, config.mass)
+    w = routing_weights(s, config.temperature, config.scale)
+    return s, w, rescale(w, base, config.gain)
 
 
 def coefficient_codebook(coefficients: Tensor, chosen: Tensor, n_codes: int, fallback: Tensor,

@@ -4,15 +4,18 @@ One implementation (:class:`~mergelab.methods.dynamic.se_merging.SEMerging`), on
 routing rule, so that a results table never calls a rule the paper's when it is not (docs/methods.md):
 
 - ``se_merging``: the paper's rule (Chen et al., arXiv 2506.18135, Sec. 4): the l2 distance between the
-  merged model's probe representation and each expert's, from live expert probes (T partial forward
-  passes), standardised across tasks, softmax, coefficients rescaled around the base method's. Reads
-  nothing beyond the input.
+  merged model's probe representation and each expert's, normalised, softmax, coefficients rescaled
+  around the base method's (router equations (3)-(5)). ``probes="live"`` (default): the experts'
+  representations of the input itself, T partial forward passes; reads nothing beyond the input.
+  ``probes="cached"``: a cache of each expert's mean representation of ``calibration_size`` inputs of
+  its own task, built once; reads those calibration inputs, runs no expert pass at test time.
 - ``se_relative``: mergelab's rule ``||m - e_t|| - ||p - e_t||`` (how much nearer the merge moved the input
   to expert t than the pretrained model is); reads nothing beyond the input (one more probe pass).
 - ``se_ratio``: mergelab's rule ``||m - e_t|| / ||p - e_t||``.
 - ``se_prototype``: mergelab's rule ``||m - mu_t||`` with mu_t the mean merged representation of a few
-  calibration inputs of task t (inputs of *known task*); no expert pass. Its fast paths (``mode`` fast,
-  single-pass, prototype-exact) approximate this rule only.
+  calibration inputs of task t (inputs of *known task*); no expert pass. Its approximate paths (``mode``
+  fast: quantized groups of merged models; single-pass: the static merge up to the probe layer; and
+  prototype-exact) exist for this rule only.
 """
 
 from __future__ import annotations
@@ -43,9 +46,14 @@ class SEParams(BaseModel):
     base_params: dict[str, Any] = Field(default_factory=lambda: {"scaling": 0.3}, description="the base method's parameters")
     layer: int = Field(default=R.RouterConfig.layer, description="probe layer")
     temperature: float = Field(default=R.RouterConfig.temperature, description="softmax temperature")
-    mass: float = Field(default=R.RouterConfig.mass, description="total coefficient mass / the static merge's")
+    gain: float = Field(default=R.RouterConfig.gain,
+                        description="total coefficient mass / the base's mean coefficient (replaces 'mass')")
+    scale: str = Field(default=R.RouterConfig.scale, description=f"distance normalisation: one of {R.SCALES}")
+    probes: str = Field(default=R.RouterConfig.probes,
+                        description=f"expert representations (expert rules): one of {R.PROBES}")
     mode: str = Field(default="exact", description=f"forward path: one of {MODES}")
-    calibration_size: int = Field(default=32, ge=1, description="calibration inputs per task (prototype rule, fast paths)")
+    calibration_size: int = Field(default=32, ge=1,
+                                  description="calibration inputs per task (prototype rule, fast paths, cached probes)")
 
 
 @torch.no_grad()
@@ -105,17 +113,22 @@ def run_se(pool, normalisation: str, **params: Any) -> MethodOutput:
     if normalisation != "prototype" and p.mode in PROTOTYPE_MODES:
         raise ParameterError('mode', f"parameter 'mode': {p.mode!r} approximates the prototype rule (se_prototype); "
                          f"this rule ({normalisation}) runs in 'exact', 'reference' or 'lowrank' mode")
-    config = R.RouterConfig(layer=p.layer, normalisation=normalisation, temperature=p.temperature, mass=p.mass)
+    config = R.RouterConfig(layer=p.layer, normalisation=normalisation, temperature=p.temperature, gain=p.gain,
+                            scale=p.scale, probes=p.probes)
     # LoRA experts (pool.adapters) stay factored in the plan: the per-sample forward mixes s_t B_t (A_t x);
     # the probes run each expert's own body
     se = SEMerging(pool.family, pool.pretrained, plan(p.base, pool.pretrained, pool_experts(pool), **p.base_params),
                    pool.bodies, config)
     if normalisation == "prototype":
         se.calibrate(pool.calibration(p.calibration_size))
+    elif p.probes == "cached":
+        se.cache_experts(pool.calibration(p.calibration_size))
     feats, routing = se_features(se, pool.inputs(), mode=p.mode, batch_size=pool.batch_size,
                                  progress=pool.progress, label=getattr(pool, "label", "se_merging"))
     resolved = p.model_dump()
-    if normalisation != "prototype":
+    if normalisation == "prototype":
+        resolved.pop("probes")
+    elif p.probes == "live" and p.mode not in PROTOTYPE_MODES:
         resolved.pop("calibration_size")
     return MethodOutput(features=feats, params={**resolved, "normalisation": normalisation},
                         extra={"routing": routing})
@@ -130,11 +143,12 @@ def _register(name: str, normalisation: str, needs: str, summary: str) -> None:
 
 _register("se_merging", "raw", "nothing",
           "SE-Merging (Chen et al. 2025) as published: per-sample coefficients from the l2 distances between the "
-          "merged model's and each expert's probe representation (live expert probes)")
+          "merged model's and each expert's probe representation; probes='live' (T partial passes, default) or "
+          "'cached' (each expert's mean representation of a few calibration inputs of its task)")
 _register("se_relative", "relative", "nothing",
           "mergelab's SE rule: distance to each expert relative to the pretrained model's (d(m,e)-d(p,e))")
 _register("se_ratio", "ratio", "nothing",
           "mergelab's SE rule: distance to each expert over the pretrained model's (d(m,e)/d(p,e))")
 _register("se_prototype", "prototype", "calibration",
           "mergelab's SE rule: distance to per-task prototypes of a few calibration inputs of known task; "
-          "fast paths (mode fast, single-pass, prototype-exact)")
+          "approximate paths (mode fast = quantized groups, single-pass, prototype-exact)")

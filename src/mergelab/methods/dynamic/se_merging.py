@@ -10,12 +10,14 @@ Forward modes, all behind :meth:`SEMerging.features`:
 
 - ``"reference"``: per sample, materialise theta_b with ``combine`` and run it alone (the oracle);
 - ``"exact"``: the same numbers for the whole batch through :func:`~mergelab.core.functional.per_sample_mixing`;
-- ``"fast"``: a static probe pass up to the probe layer routes each sample against calibrated per-task
-  prototypes of the merged representation (no expert pass); the samples routed to task t then run
-  through one merged model whose coefficients are row t of :meth:`SEMerging.group_coefficients`
-  (built once per task and cached). No per-sample mixing: cost about ``1 + layer / n_layers`` static
-  passes. Differs from the exact path in the rule (prototypes) and in giving every sample of a group
-  the same coefficients.
+- ``"fast"`` (quantized groups): a static probe pass up to the probe layer routes each sample against
+  calibrated per-task prototypes of the merged representation (no expert pass) and gives it its
+  coefficients by equations (3)-(5); each sample then runs through the merged model of the code nearest
+  to those coefficients, one of K codes of :meth:`SEMerging.group_coefficients` (a k-means codebook of the
+  calibration texts' coefficients; the K merged bodies built once and cached). No per-sample mixing, two
+  passes (the probe pass to the probe layer, then the group's merged model): about ``1 + layer / n_layers``
+  static passes. Differs from the exact path in the rule (prototypes) and in rounding each sample's
+  coefficients to the nearest code. (Not the single-pass mode below.)
 - ``"single-pass"``: one pass. Layers up to the probe layer run the static merge; a hook at the probe
   layer routes against the prototypes and sets the coefficients the per-sample layers above it use.
 - ``"prototype-exact"``: prototype routing from a static probe pass, then the exact per-sample forward.
@@ -103,6 +105,7 @@ class SEMerging:
         self.base = torch.tensor([float(plan.coefficients[t]) for t in self.tasks], dtype=torch.float32)
         self.static = plan.apply(self.pretrained)
         self.prototypes: Tensor | None = None
+        self.expert_cache: Tensor | None = None  # probes="cached": [T, H], see cache_experts
         self._group_cache: dict = {}  # the fast path's codebook ("codes"), its merged bodies ("models"), "key"
         self._upper_keys = {k for k in self.stacked.keys if family.layer_of_key(k) > self.config.layer}
 
@@ -114,7 +117,10 @@ class SEMerging:
         merged = self.family.probe(batch, self.static, [layer])[layer]
         if cfg.normalisation == "prototype":
             return {"merged": merged, "prototypes": self._need_prototypes(layer)}
-        experts = torch.stack([self.family.probe(batch, self.experts[t], [layer])[layer] for t in self.tasks])
+        if cfg.probes == "cached":
+            experts = self._need_expert_cache(layer)[:, None, :]  # [T, 1, H]: broadcast over the batch
+        else:
+            experts = torch.stack([self.family.probe(batch, self.experts[t], [layer])[layer] for t in self.tasks])
         pre = None
         if cfg.normalisation in R.NEEDS_PRETRAINED:
             pre = self.family.probe(batch, self.pretrained, [layer])[layer]
@@ -160,6 +166,33 @@ class SEMerging:
         if layer is not None and layer != self._prototype_layer:
             raise InputError(f"prototypes were calibrated at layer {self._prototype_layer}, not {layer}")
         return self.prototypes
+
+    @torch.no_grad()
+    def cache_experts(self, texts_by_task: Mapping[str, Sequence], batch_size: int = 64) -> Tensor:
+        """The expert-representation cache of ``probes="cached"``: ``[T, H]``, row t expert t's mean probe
+        representation (at the probe layer) of task t's texts, computed once; no expert pass at test time.
+
+        The texts are unlabeled inputs of known task (e.g. a few validation inputs per task)."""
+        missing = [t for t in self.tasks if not texts_by_task.get(t)]
+        if missing:
+            raise InputError(f"the expert cache needs inputs for every task; none for {missing}")
+        layer = self.config.layer
+        means = []
+        for t in self.tasks:
+            texts = list(texts_by_task[t])
+            parts = [self.family.probe(self.family.tokenize(texts[i : i + batch_size]), self.experts[t], [layer])[layer].float()
+                     for i in range(0, len(texts), batch_size)]
+            means.append(torch.cat(parts).mean(0))
+        self.expert_cache = torch.stack(means)
+        self._expert_cache_layer = layer
+        return self.expert_cache
+
+    def _need_expert_cache(self, layer: int) -> Tensor:
+        if getattr(self, "expert_cache", None) is None:
+            raise InputError("probes='cached' needs cache_experts(texts_by_task) first")
+        if layer != self._expert_cache_layer:
+            raise InputError(f"the expert cache was built at layer {self._expert_cache_layer}, not {layer}")
+        return self.expert_cache
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
@@ -218,7 +251,7 @@ class SEMerging:
         """
         protos = self._need_prototypes()
         cfg = self.with_config(normalisation="prototype")
-        key = (self.groups, self.groups_per_task, cfg.temperature, cfg.mass)
+        key = (self.groups, self.groups_per_task, cfg.temperature, cfg.gain, cfg.scale)
         cache = self._group_cache
         if cache.get("key") != key:
             *_, codes = R.coefficients(cfg, self.base, merged=protos, prototypes=protos)  # at the prototypes
