@@ -9,6 +9,7 @@ from pathlib import Path
 from mergelab.core.errors import InputError
 from mergelab.core.io import atomic_write_text
 from mergelab.experiment import plots
+from mergelab.experiment.analysis.bias import DEFAULT_ROWS, bias_rows, representation_bias
 from mergelab.experiment.analysis.se_study import (
     cost_study,
     fast_groups_study,
@@ -19,7 +20,8 @@ from mergelab.experiment.analysis.se_study import (
 )
 from mergelab.methods.dynamic import NORMALISATIONS, RouterConfig
 
-KINDS = ("auto-adaptation", "routing", "probe-sweep", "cost", "se-select", "lowrank", "fast-groups")
+KINDS = ("auto-adaptation", "routing", "probe-sweep", "cost", "se-select", "lowrank", "fast-groups",
+         "representation-bias")
 
 
 def _write(out: Path, name: str, data) -> Path:
@@ -30,8 +32,11 @@ def _write(out: Path, name: str, data) -> Path:
 def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None = None, n_per_task: int = 100,
                  n_calib: int = 32, layers: Sequence[int] | None = None, temperatures: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
                  masses: Sequence[float] = (0.4, 0.6, 1.0), ranks: Sequence[int] = (4, 16, 64),
-                 groups_per_task: Sequence[int] = (1, 2, 3, 4), progress: bool = True) -> dict[str, Path]:
-    """Run one analysis on the validation split of ``ctx`` (a loaded :class:`~mergelab.pools.pool.ModelPool`)."""
+                 groups_per_task: Sequence[int] = (1, 2, 3, 4), rows: Sequence[str] = DEFAULT_ROWS,
+                 progress: bool = True) -> dict[str, Path]:
+    """Run one analysis on the validation split of ``ctx`` (a loaded :class:`~mergelab.pools.pool.ModelPool`);
+    ``representation-bias`` reads the first ``n_per_task`` inputs of each task's *test* split (it measures
+    ``rows``, chooses nothing; SyMerge adapts on those inputs, the test-time protocol)."""
     if kind not in KINDS:
         raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
     if n_per_task < 1 or n_calib < 1:
@@ -85,6 +90,18 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
                                   n_per_task=n_per_task, n_calib=n_calib, progress=progress)
         files["json"] = _write(out, "fast_groups.json", study)
         files["png"] = plots.fast_groups_plot(study, out / "fast_groups.png")
+    elif kind == "representation-bias":
+        from mergelab.experiment.runner import RunPool
+
+        chosen = bias_rows(rows)  # unknown rows are refused before any work
+        splits = {t: {**s, "test": s["test"].subset(list(range(min(n_per_task, len(s["test"])))))}
+                  for t, s in ctx.splits.items()}
+        pool = RunPool(ctx.family, ctx.pretrained, dict(ctx.experts), dict(ctx.heads), splits, progress=progress,
+                       input_split="test", adapters=dict(getattr(ctx, "adapters", None) or {}))
+        study = representation_bias(pool, chosen, progress=progress)
+        study.update(split="test", n_calib=n_calib)
+        files["json"] = _write(out, "representation_bias.json", study)
+        files["png"] = plots.bias_plot(study, out / "representation_bias.png")
     else:
         cost = cost_study(ctx, n_samples=max(5, n_per_task), config=cfg)
         files["json"] = _write(out, "cost.json", cost)

@@ -33,7 +33,7 @@ from mergelab.core.errors import InputError
 from mergelab.core.statedict import StateDict, TaskVector
 from mergelab.methods.adaptive.coefficients import MergedParams
 from mergelab.methods.adaptive.inputs import Cycler, TokenCache, check_texts, frozen_module, keys_on_path
-from mergelab.methods.adaptive.result import AdaptResult, copy_heads
+from mergelab.methods.adaptive.result import AdaptResult, check_eval_at, copy_heads, take_snapshot
 from mergelab.methods.transforms import elect_sign, sign_agreeing, trim
 
 # Default steps: one step is a forward and backward of 5 tasks x 16 texts; on text5 (MiniLM-L6) 50 steps
@@ -102,14 +102,17 @@ def adamerging(
     seed: int = 0,
     progress: bool = True,
     name: str | None = None,
+    eval_at: Sequence[int] = (),
 ) -> AdaptResult:
     """Learn AdaMerging coefficients by entropy minimisation on unlabeled ``texts`` (task -> texts).
 
     ``vectors``: per-task vectors (plain task vectors, TIES- or DARE-processed; AdaMerging++ = over
     :func:`ties_vectors`). ``heads``: each task's classification head (kept frozen). Labels are never
-    read: ``texts`` holds inputs only. Same ``seed`` (and thread count), same result.
+    read: ``texts`` holds inputs only. Same ``seed`` (and thread count), same result. ``eval_at``: steps after
+    which to keep a snapshot (:meth:`AdaptResult.at`), for accuracy against steps from one run.
     """
     check_steps(steps, lr, batch_size)
+    eval_at = check_eval_at(eval_at, steps)
     tasks = list(vectors)
     missing = [t for t in tasks if t not in heads]
     if missing:
@@ -118,11 +121,11 @@ def adamerging(
     name = name or f"adamerging_{granularity}wise"
     with frozen_module(family.body):
         return _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, steps, lr, batch_size,
-                           init, clamp, seed, progress, name)
+                           init, clamp, seed, progress, name, eval_at)
 
 
 def _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, steps, lr, batch_size, init,
-                clamp, seed, progress, name) -> AdaptResult:
+                clamp, seed, progress, name, eval_at) -> AdaptResult:
     t0 = time.perf_counter()
     merged = build_merged(family, pretrained, vectors, granularity, init, clamp, texts)
     frozen = copy_heads(dict(heads), trainable=False)
@@ -133,6 +136,7 @@ def _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, s
 
     opt = torch.optim.Adam([merged.coefficients.raw], lr=lr)
     losses: list[float] = []
+    snapshots: dict = {}
     bar = progress_bar(steps, name, progress, unit="step")
     t1 = time.perf_counter()
     for step in range(steps):
@@ -145,6 +149,8 @@ def _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, s
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if step + 1 in eval_at:
+            snapshots[step + 1] = take_snapshot(step + 1, merged, frozen, {}, time.perf_counter() - t1)
         if bar is not None:
             bar.update(1)
             if step % 5 == 0 or step == steps - 1:
@@ -154,7 +160,7 @@ def _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, s
         bar.close()
     return AdaptResult(
         method=name, merged=merged, heads=frozen, losses=losses, seconds=seconds, setup_seconds=setup,
-        steps=steps,
+        steps=steps, snapshots=snapshots,
         params={"granularity": granularity, "lr": lr, "batch_size": batch_size, "init": init, "clamp": clamp,
                 "seed": seed, "loss": "entropy", "n_coefficients": merged.coefficients.raw.numel()},
     )

@@ -41,6 +41,8 @@ class AdaMergingParams(BaseModel):
     batch_size: int = Field(default=16, ge=1, description="inputs per task per step")
     init: float = Field(default=0.3, description="initial coefficient")
     clamp: bool = Field(default=True, description="clamp coefficients to [0, 1]")
+    eval_at: list[int] = Field(default_factory=list, description="steps after which to keep a snapshot "
+                               "(AdaptResult.at: accuracy against steps from one run)")
 
 
 class AdaMergingPlusPlusParams(AdaMergingParams):
