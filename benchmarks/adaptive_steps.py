@@ -5,9 +5,10 @@
 
 Each method runs ONCE through the registry (the pool's unlabeled test inputs, the method's own defaults unless
 ``--set KEY=VALUE``), keeping a snapshot after each step of ``--eval-at`` (``eval_at``,
-:meth:`~mergelab.methods.adaptive.AdaptResult.at`); every snapshot is then evaluated on the benchmark's test
-split. ``seconds`` at a checkpoint is the optimisation time up to that step (setup and evaluation excluded).
-Results are merged into ``--out`` (keyed by method), written atomically after each method.
+:meth:`~mergelab.methods.adaptive.AdaptResult.at`); each snapshot is evaluated on the benchmark's test split as it
+is taken (``RunPool.on_snapshot``) and written to ``--out`` at once (atomically, keyed by method), so a run stopped
+early keeps its earlier checkpoints. ``seconds`` at a checkpoint is the optimisation time up to that step (setup
+and evaluations excluded).
 """
 
 from __future__ import annotations
@@ -72,25 +73,26 @@ def main(argv: list[str] | None = None) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     for name in args.methods:
         info = methods.get(name)
-        params = {**options, "steps": args.steps, "eval_at": [s for s in args.eval_at if s <= args.steps]}
+        params = {**options, "steps": args.steps, "eval_at": sorted({s for s in args.eval_at if s <= args.steps} | {args.steps})}
         info.check(params)
+        entry = store[name] = {"curve": [], "params": params, "seed": args.seed, "threads": torch.get_num_threads(),
+                               "commit": commit, "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+
+        def evaluate(snap, name=name, entry=entry):  # each snapshot as it is taken; written at once
+            acc = evaluate_tasks(ctx.family, snap.body_fn(), snap.heads, test, progress=False, label=f"{name}@{snap.steps}")
+            entry["curve"].append({"step": snap.steps, "seconds": round(snap.seconds, 1), "average": mean(list(acc.values())),
+                                   "normalized_average": normalized_average(acc, experts), "per_task": acc,
+                                   "loadavg": [round(x, 2) for x in os.getloadavg()]})
+            atomic_write_text(path, json.dumps(store, indent=1) + "\n")
+            print(f"{name:<30} step {snap.steps:>4}  avg {100 * entry['curve'][-1]['average']:5.1f}  "
+                  f"({snap.seconds:.0f}s)", flush=True)
+
         pool = RunPool(ctx.family, ctx.pretrained, dict(ctx.experts), dict(ctx.heads), ctx.splits, seed=args.seed,
-                       progress=not args.quiet, input_split="test")
-        load0 = os.getloadavg()
+                       progress=not args.quiet, input_split="test", on_snapshot=evaluate)
         res = info.fn(pool, **params).result
-        load1 = os.getloadavg()
-        curve = []
-        for step in params["eval_at"] + ([args.steps] if args.steps not in params["eval_at"] else []):
-            snap = res.at(step)
-            acc = evaluate_tasks(ctx.family, snap.body_fn(), snap.heads, test, progress=False, label=f"{name}@{step}")
-            curve.append({"step": step, "seconds": round(snap.seconds, 1), "average": mean(list(acc.values())),
-                          "normalized_average": normalized_average(acc, experts), "per_task": acc})
-            print(f"{name:<30} step {step:>4}  avg {100 * curve[-1]['average']:5.1f}  ({snap.seconds:.0f}s)", flush=True)
-        store[name] = {"curve": curve, "params": {**params}, "setup_seconds": round(res.setup_seconds, 1),
-                       "seconds_per_step": round(res.seconds / max(1, res.steps), 3), "seed": args.seed,
-                       "threads": torch.get_num_threads(), "loadavg_before": [round(x, 2) for x in load0],
-                       "loadavg_after": [round(x, 2) for x in load1], "commit": commit,
-                       "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        entry.update(setup_seconds=round(res.setup_seconds, 1), seconds_per_step=round(res.seconds / max(1, res.steps), 3),
+                     loadavg_after=[round(x, 2) for x in os.getloadavg()],
+                     finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         store.setdefault("commands", []).append("python benchmarks/adaptive_steps.py "
                                                 + " ".join(argv if argv is not None else sys.argv[1:]))
         atomic_write_text(path, json.dumps(store, indent=1) + "\n")

@@ -500,7 +500,8 @@ def test_snapshot_at_a_step_equals_a_run_of_that_many_steps(pool, method):
     vec = task_vectors(pre, experts)
     kw = dict(batch_size=4, seed=3, progress=False)
     fn = adamerging if method == "adamerging" else (lambda *a, **k: symerge(*a, experts=experts, **k))
-    long = fn(family, pre, vec, heads, TEXTS, steps=4, lr=5e-2, eval_at=[3, 2], **kw)
+    seen = []
+    long = fn(family, pre, vec, heads, TEXTS, steps=4, lr=5e-2, eval_at=[3, 2], on_snapshot=seen.append, **kw)
     short = fn(family, pre, vec, heads, TEXTS, steps=2, lr=5e-2, **kw)
     assert sorted(long.snapshots) == [2, 3]
     snap = long.at(2)
@@ -511,6 +512,10 @@ def test_snapshot_at_a_step_equals_a_run_of_that_many_steps(pool, method):
         assert torch.equal(snap.heads[t].weight, short.heads[t].weight)
         state, ref = snap.body(t), short.body(t)
         assert all(torch.equal(state[k], ref[k]) for k in ref)
+    assert [r.steps for r in seen] == [2, 3]  # on_snapshot: each snapshot as it is taken
+    assert torch.equal(seen[0].coefficients.values(), short.coefficients.values())
+    assert torch.equal(seen[0].merged_state()["encoder.layer.0.output.dense.weight"],
+                       short.merged_state()["encoder.layer.0.output.dense.weight"])
     assert long.at(4) is long  # the last step is the result itself
     with pytest.raises(InputError, match="no snapshot at step 1"):
         long.at(1)

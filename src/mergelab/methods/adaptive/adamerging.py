@@ -23,7 +23,7 @@ one Adam step.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -103,13 +103,15 @@ def adamerging(
     progress: bool = True,
     name: str | None = None,
     eval_at: Sequence[int] = (),
+    on_snapshot: Callable[[AdaptResult], None] | None = None,
 ) -> AdaptResult:
     """Learn AdaMerging coefficients by entropy minimisation on unlabeled ``texts`` (task -> texts).
 
     ``vectors``: per-task vectors (plain task vectors, TIES- or DARE-processed; AdaMerging++ = over
     :func:`ties_vectors`). ``heads``: each task's classification head (kept frozen). Labels are never
     read: ``texts`` holds inputs only. Same ``seed`` (and thread count), same result. ``eval_at``: steps after
-    which to keep a snapshot (:meth:`AdaptResult.at`), for accuracy against steps from one run.
+    which to keep a snapshot (:meth:`AdaptResult.at`), for accuracy against steps from one run; ``on_snapshot``
+    is called with each snapshot's result as it is taken (its time is not counted as adaptation time).
     """
     check_steps(steps, lr, batch_size)
     eval_at = check_eval_at(eval_at, steps)
@@ -121,11 +123,11 @@ def adamerging(
     name = name or f"adamerging_{granularity}wise"
     with frozen_module(family.body):
         return _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, steps, lr, batch_size,
-                           init, clamp, seed, progress, name, eval_at)
+                           init, clamp, seed, progress, name, eval_at, on_snapshot)
 
 
 def _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, steps, lr, batch_size, init,
-                clamp, seed, progress, name, eval_at) -> AdaptResult:
+                clamp, seed, progress, name, eval_at, on_snapshot) -> AdaptResult:
     t0 = time.perf_counter()
     merged = build_merged(family, pretrained, vectors, granularity, init, clamp, texts)
     frozen = copy_heads(dict(heads), trainable=False)
@@ -137,6 +139,7 @@ def _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, s
     opt = torch.optim.Adam([merged.coefficients.raw], lr=lr)
     losses: list[float] = []
     snapshots: dict = {}
+    paused = 0.0  # seconds spent in on_snapshot
     bar = progress_bar(steps, name, progress, unit="step")
     t1 = time.perf_counter()
     for step in range(steps):
@@ -150,12 +153,17 @@ def _adamerging(family, pretrained, vectors, heads, texts, tasks, granularity, s
         opt.step()
         losses.append(float(loss.detach()))
         if step + 1 in eval_at:
-            snapshots[step + 1] = take_snapshot(step + 1, merged, frozen, {}, time.perf_counter() - t1)
+            snapshots[step + 1] = take_snapshot(step + 1, merged, frozen, {}, time.perf_counter() - t1 - paused)
+            if on_snapshot is not None:  # e.g. evaluate it now; its time is not adaptation time
+                c0 = time.perf_counter()
+                on_snapshot(AdaptResult(method=name, merged=merged, heads=frozen, losses=losses, steps=step + 1,
+                                        snapshots={step + 1: snapshots[step + 1]}).at(step + 1))
+                paused += time.perf_counter() - c0
         if bar is not None:
             bar.update(1)
             if step % 5 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
-    seconds = time.perf_counter() - t1
+    seconds = time.perf_counter() - t1 - paused
     if bar is not None:
         bar.close()
     return AdaptResult(
