@@ -540,3 +540,15 @@ def test_plusplus_rows_are_adamerging_over_ties_vectors(pool, method, granularit
     assert got.losses == want.losses and got.losses[0] != pytest.approx(plain.losses[0])  # other vectors
     state, ref = got.merged_state(), want.merged_state()
     assert all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+def test_registry_rows_hand_snapshots_to_the_runners_pool(pool):
+    from mergelab.experiment.runner import RunPool
+
+    family, pre, experts, heads = pool
+    splits = {t: {"test": TextTask(t, TEXTS[t], [0] * len(TEXTS[t]), label_names=["0", "1", "2"])} for t in TASKS}
+    seen = []
+    rp = RunPool(family, pre, experts, heads, splits, progress=False, on_snapshot=seen.append)
+    out = methods.get("symerge").fn(rp, steps=2, eval_at=[1], batch_size=4)
+    assert [r.steps for r in seen] == [1] and sorted(out.result.snapshots) == [1]
+    assert torch.equal(seen[0].coefficients.values(), out.result.at(1).coefficients.values())

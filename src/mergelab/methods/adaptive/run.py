@@ -39,7 +39,7 @@ class AdaMergingParams(BaseModel):
 
     steps: int = Field(default=DEFAULT_ADAMERGING_STEPS, ge=0, description="adaptation steps (the paper: 500)")
     lr: float = Field(default=1e-3, gt=0, description="Adam learning rate")
-    batch_size: int = Field(default=16, ge=1, description="inputs per task per step")
+    batch_size: int = Field(default=16, ge=1, description="inputs per task per step (the authors' code: 32)")
     init: float = Field(default=0.3, description="initial coefficient")
     clamp: bool = Field(default=True, description="clamp coefficients to [0, 1]")
     eval_at: list[int] = Field(default_factory=list, description="steps after which to keep a snapshot "
