@@ -490,3 +490,65 @@ def test_pearson_by_hand():
     assert pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / math.sqrt(76 / 3))
     assert pearson([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert pearson([1, 2], [1, 2]) is None and pearson([1, 1, 1], [1, 2, 3]) is None
+
+
+# ---------------------------------------------------------------------------------------------- eval_at snapshots
+@pytest.mark.parametrize("method", ["adamerging", "symerge"])
+def test_snapshot_at_a_step_equals_a_run_of_that_many_steps(pool, method):
+    """One run with eval_at=[2, 3] gives at(2) what a 2-step run with the same seed gives (coefficients, heads)."""
+    family, pre, experts, heads = pool
+    vec = task_vectors(pre, experts)
+    kw = dict(batch_size=4, seed=3, progress=False)
+    fn = adamerging if method == "adamerging" else (lambda *a, **k: symerge(*a, experts=experts, **k))
+    seen = []
+    long = fn(family, pre, vec, heads, TEXTS, steps=4, lr=5e-2, eval_at=[3, 2], on_snapshot=seen.append, **kw)
+    short = fn(family, pre, vec, heads, TEXTS, steps=2, lr=5e-2, **kw)
+    assert sorted(long.snapshots) == [2, 3]
+    snap = long.at(2)
+    assert torch.equal(snap.coefficients.values(), short.coefficients.values())
+    assert not torch.equal(snap.coefficients.values(), long.coefficients.values())  # it moved after step 2
+    assert snap.losses == short.losses and snap.steps == 2 and snap.seconds <= long.seconds
+    for t in TASKS:
+        assert torch.equal(snap.heads[t].weight, short.heads[t].weight)
+        state, ref = snap.body(t), short.body(t)
+        assert all(torch.equal(state[k], ref[k]) for k in ref)
+    assert [r.steps for r in seen] == [2, 3]  # on_snapshot: each snapshot as it is taken
+    assert torch.equal(seen[0].coefficients.values(), short.coefficients.values())
+    assert torch.equal(seen[0].merged_state()["encoder.layer.0.output.dense.weight"],
+                       short.merged_state()["encoder.layer.0.output.dense.weight"])
+    assert long.at(4) is long  # the last step is the result itself
+    with pytest.raises(InputError, match="no snapshot at step 1"):
+        long.at(1)
+    with pytest.raises(InputError, match="eval_at"):
+        fn(family, pre, vec, heads, TEXTS, steps=2, eval_at=[5], **kw)
+
+
+@pytest.mark.parametrize("method,granularity", [("adamerging_plusplus_taskwise", "task"),
+                                                ("adamerging_plusplus", "layer")])
+def test_plusplus_rows_are_adamerging_over_ties_vectors(pool, method, granularity):
+    """AdaMerging++ (both granularities) through the registry = AdaMerging over TIES-trimmed, sign-elected vectors."""
+    from mergelab.experiment.adaptive_rows import adapt
+
+    family, pre, experts, heads = pool
+    got = adapt(method, family, pre, experts, heads, TEXTS, steps=2, seed=5, progress=False, batch_size=4, lr=5e-2)
+    want = adamerging(family, pre, ties_vectors(task_vectors(pre, experts), density=0.2), heads, TEXTS,
+                      granularity=granularity, steps=2, seed=5, progress=False, batch_size=4, lr=5e-2)
+    plain = adamerging(family, pre, task_vectors(pre, experts), heads, TEXTS, granularity=granularity, steps=2,
+                       seed=5, progress=False, batch_size=4, lr=5e-2)
+    assert got.method == method and got.coefficients.granularity == granularity
+    assert torch.equal(got.coefficients.values(), want.coefficients.values())
+    assert got.losses == want.losses and got.losses[0] != pytest.approx(plain.losses[0])  # other vectors
+    state, ref = got.merged_state(), want.merged_state()
+    assert all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+def test_registry_rows_hand_snapshots_to_the_runners_pool(pool):
+    from mergelab.experiment.runner import RunPool
+
+    family, pre, experts, heads = pool
+    splits = {t: {"test": TextTask(t, TEXTS[t], [0] * len(TEXTS[t]), label_names=["0", "1", "2"])} for t in TASKS}
+    seen = []
+    rp = RunPool(family, pre, experts, heads, splits, progress=False, on_snapshot=seen.append)
+    out = methods.get("symerge").fn(rp, steps=2, eval_at=[1], batch_size=4)
+    assert [r.steps for r in seen] == [1] and sorted(out.result.snapshots) == [1]
+    assert torch.equal(seen[0].coefficients.values(), out.result.at(1).coefficients.values())

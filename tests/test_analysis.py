@@ -188,3 +188,69 @@ def test_defaults_study_grid_old_defaults_and_best(ctx, tmp_path: Path) -> None:
     means = {(c["temperature"], c["gain"]): c["average"] for c in study["mean_over_subsets"]}
     assert means[(study["best"]["temperature"], study["best"]["gain"])] == max(means.values())
     assert "| old: standardised, 1.0 | mass 0.5 |" in files["markdown"].read_text()
+
+
+def test_representation_bias_matches_distances_computed_directly(ctx, tmp_path: Path) -> None:
+    """Per task and layer, the mean ||r_merged(x) - r_expert_t(x)|| of task t's test inputs: for Task Arithmetic
+    0.3 against a merge materialised here, for the paper's SE-Merging rule against a per-sample merge materialised
+    here from the router's coefficients (one sample at a time), for SyMerge against its adapted body."""
+    from mergelab import methods
+    from mergelab.experiment.analysis.bias import bias_rows, representation_bias
+    from mergelab.experiment.rows import Row
+    from mergelab.experiment.runner import RunPool
+
+    n = 2
+    splits = {t: {**s, "test": s["test"].subset(range(n))} for t, s in ctx.splits.items()}
+    pool = RunPool(ctx.family, ctx.pretrained, dict(ctx.experts), dict(ctx.heads), splits, progress=False,
+                   batch_size=2)
+    rows = [*bias_rows(["task_arithmetic_0.3", "se_merging_task_arithmetic"]), Row("symerge", "symerge", {"steps": 3})]
+    study = representation_bias(pool, rows, batch_size=2)
+    assert study["rows"] == ["pretrained", "task_arithmetic_0.3", "se_merging_task_arithmetic", "symerge"]
+    assert study["layers"] == [0, 1, 2]
+
+    pre, experts = ctx.pretrained, ctx.experts
+    taus = {t: {k: experts[t][k] - v for k, v in pre.items() if v.is_floating_point()} for t in experts}
+
+    def merged_with(coef: dict[str, float]) -> dict:
+        return {k: v + sum(c * taus[t][k] for t, c in coef.items()) if v.is_floating_point() else v
+                for k, v in pre.items()}
+
+    def dist(body, text: str, task: str) -> torch.Tensor:  # [layers]
+        batch = ctx.family.tokenize([text])
+        mine, own = ctx.family.hidden_states(batch, body), ctx.family.hidden_states(batch, experts[task])
+        return torch.stack([(a[0] - b[0]).norm() for a, b in zip(mine, own)])
+
+    ta = merged_with(dict.fromkeys(experts, 0.3))
+    se = methods.get("se_merging").fn(pool).result  # the row's router, with the registry's defaults
+    sym = methods.get("symerge").fn(pool, steps=3).body
+    for task in experts:
+        texts = splits[task]["test"].texts
+        want_ta = torch.stack([dist(ta, x, task) for x in texts]).mean(0)
+        want_pre = torch.stack([dist(pre, x, task) for x in texts]).mean(0)
+        per_sample = []
+        for x in texts:
+            c = se.route(ctx.family.tokenize([x])).coefficients[0]
+            per_sample.append(dist(merged_with({t: float(c[i]) for i, t in enumerate(se.tasks)}), x, task))
+        want_se = torch.stack(per_sample).mean(0)
+        want_sym = torch.stack([dist(sym(task), x, task) for x in texts]).mean(0)
+        for row, want in [("task_arithmetic_0.3", want_ta), ("pretrained", want_pre),
+                          ("se_merging_task_arithmetic", want_se), ("symerge", want_sym)]:
+            assert study["distance"][row][task] == pytest.approx(want.tolist(), rel=1e-4, abs=1e-5), (row, task)
+    assert study["distance"]["task_arithmetic_0.3"]["t0"] != study["distance"]["se_merging_task_arithmetic"]["t0"]
+    mean_ta = [sum(study["distance"]["task_arithmetic_0.3"][t][1] for t in experts) / 3]
+    assert study["mean"]["task_arithmetic_0.3"][1] == pytest.approx(mean_ta[0], rel=1e-5)
+    assert study["relative_to_pretrained"]["pretrained"] == pytest.approx([1.0, 1.0, 1.0])
+    assert study["max_feature_error"]["se_merging_task_arithmetic"] < 1e-4  # the probe's last layer = the row's features
+
+
+def test_representation_bias_analysis_writes_json_and_png(ctx, tmp_path: Path) -> None:
+    files = run_analysis("representation-bias", ctx, tmp_path, n_per_task=2, n_calib=4,
+                         rows=["ties", "se_prototype_task_arithmetic"], progress=False)
+    study = json.loads(files["json"].read_text())
+    assert study["split"] == "test" and study["n_per_task"] == {"t0": 2, "t1": 2, "t2": 2}
+    assert study["params"]["ties"] == {"density": 0.2, "scaling": 1.0}  # no validation search here
+    assert files["png"].read_bytes()[:8] == PNG and files["png"].stat().st_size > 2000
+    r = CliRunner().invoke(app, ["analyze", "representation-bias", "--row", "nope", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "unknown row 'nope'" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["analyze", "routing", "--row", "ties", "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "--row" in r.output

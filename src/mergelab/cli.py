@@ -305,7 +305,7 @@ def sweep(
 @app.command()
 @input_errors_exit_2
 def analyze(
-    kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select | lowrank | fast-groups | approximations | se-defaults"),
+    kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select | lowrank | fast-groups | approximations | se-defaults | representation-bias"),
     benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark whose experts to analyse."),
     config: Path | None = typer.Option(None, "--config", "-c", help="A pool config (pool: + evaluation:) to analyse instead: its held-out validation examples."),
     out: Path = typer.Option(Path("runs/analysis"), "--out", "-o", help="Folder for the JSON and PNG files."),
@@ -318,6 +318,7 @@ def analyze(
     layers: list[int] | None = typer.Option(None, "--layers", help="probe-sweep: layers to sweep (repeatable)."),
     ranks: list[int] | None = typer.Option(None, "--ranks", help="lowrank: task-vector ranks to try (repeatable; default 4 16 64)."),
     groups_per_task: list[int] | None = typer.Option(None, "--groups-per-task", help="fast-groups: quantized merged models per task to try (repeatable; default 1 2 3 4)."),
+    rows: list[str] | None = typer.Option(None, "--row", help="representation-bias: a table row to measure (repeatable; default: task_arithmetic_0.3, ties, se_merging_task_arithmetic, se_prototype_task_arithmetic, symerge)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """SE-Merging analyses on a benchmark's (or a pool config's held-out) validation split: JSON and PNG plots.
@@ -332,7 +333,9 @@ def analyze(
     single-pass, lowrank at --ranks, default 8 32 128; prototype-exact; cached expert probes) against the
     exact one sample by sample, on a stratified sample of --n-per-task texts per task of the benchmark's
     TEST split (nothing is chosen there). se-defaults: the
-    temperature x gain grid on validation for the first 2, the first 3 and all tasks.
+    temperature x gain grid on validation for the first 2, the first 3 and all tasks. representation-bias: per
+    layer and task, the distance between each row's representation of a test input and its own expert's
+    (--row, --n-per-task).
 
     Example:
 
@@ -346,7 +349,7 @@ def analyze(
                                 "gain": gain}.items() if v is not None}
     files = analyze_run(kind, out, benchmark=benchmark, config=config, cache=cache, router=router,
                         n_per_task=n_per_task, layers=layers, ranks=ranks, groups_per_task=groups_per_task,
-                        quiet=quiet)
+                        rows=rows, quiet=quiet)
     for name, path in files.items():
         console.print(f"{name}: {path}", highlight=False)
 

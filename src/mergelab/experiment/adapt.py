@@ -20,7 +20,7 @@ METHOD_NAMES = ("adamerging_taskwise", "adamerging_layerwise", "adamerging_plusp
 
 def adapt(
     method: str = typer.Option(..., "--method", "-m",
-                               help="adamerging_taskwise, adamerging_layerwise, adamerging_plusplus or symerge."),
+                               help="adamerging_taskwise, adamerging_layerwise, adamerging_plusplus, adamerging_plusplus_taskwise or symerge."),
     benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark whose cached experts to merge."),
     config: Path | None = typer.Option(None, "--config", "-c", help="A pool config (pool: + evaluation:) whose experts to merge instead; its held-out split is 'validation', the rest 'test'."),
     steps: int | None = typer.Option(None, "--steps", help="Optimiser steps (default: the method's, which fits 5 min on 2 cores)."),

@@ -1,7 +1,8 @@
 """The adaptive rows of a benchmark, and :func:`adapt`: one adaptive method on given unlabeled inputs.
 
 Rows (stable names; :mod:`mergelab.experiment.rows` defines them, docs/results-schema.md lists them):
-``adamerging_taskwise``, ``adamerging_layerwise``, ``adamerging_plusplus``, ``symerge``, and the transfers
+``adamerging_taskwise``, ``adamerging_layerwise``, ``adamerging_plusplus``, ``adamerging_plusplus_taskwise``,
+``symerge``, and the transfers
 ``task_arithmetic+symerge_heads``, ``ties+symerge_heads`` (the static body with SyMerge's adapted heads, the
 paper's transfer experiment). Both go through the one runner (:func:`~mergelab.experiment.runner.run_rows`).
 

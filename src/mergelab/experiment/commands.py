@@ -279,7 +279,8 @@ ANALYSIS_CALIBRATION = 32  # calibration examples per task the analyses read fir
 def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path | None = None,
                 cache: Path | None = None, router: Mapping[str, Any] | None = None, n_per_task: int = 100,
                 layers: Sequence[int] | None = None, ranks: Sequence[int] | None = None,
-                groups_per_task: Sequence[int] | None = None, quiet: bool = False) -> dict[str, Path]:
+                groups_per_task: Sequence[int] | None = None, rows: Sequence[str] | None = None,
+                quiet: bool = False) -> dict[str, Path]:
     """``mergelab analyze``: one SE-Merging analysis on a named benchmark's or a pool config's validation
     split; writes ``out`` (options.json, environment.json, run.log, the analysis' JSON and PNG files)."""
     from mergelab.experiment.analysis.run import KINDS, run_analysis
@@ -300,13 +301,21 @@ def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path 
         raise InputError(f"--ranks must be positive integers, got {list(ranks)}")
     if groups_per_task and any(g < 1 for g in groups_per_task):
         raise InputError(f"--groups-per-task must be positive integers, got {list(groups_per_task)}")
+    if rows and kind != "representation-bias":
+        raise InputError("--row applies to the representation-bias analysis only")
+    from mergelab.experiment.analysis.bias import DEFAULT_ROWS, bias_rows
+
+    row_list = tuple(rows) if rows else DEFAULT_ROWS
+    if kind == "representation-bias":
+        bias_rows(row_list)  # an unknown row is refused before the run directory is made
     group_list = tuple(groups_per_task) if groups_per_task else (1, 2, 3, 4)
     rank_list = tuple(ranks) if ranks else ((8, 32, 128) if kind == "approximations" else (4, 16, 64))
     created = not out.exists()
     start_command_run(out, "analyze", {
         "kind": kind, "benchmark": None if config is not None else benchmark, "config": config, "cache": cache,
         "router": cfg.to_dict(), "n_per_task": n_per_task, "layers": list(layers) if layers else None,
-        "ranks": list(rank_list), "groups_per_task": list(group_list)})
+        "ranks": list(rank_list), "groups_per_task": list(group_list),
+        **({"rows": list(row_list)} if kind == "representation-bias" else {})})
 
     def body(log):
         pool = pool_or_benchmark(config, benchmark, cache, progress=not quiet, console=log)
@@ -320,7 +329,7 @@ def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path 
             pool.family.check_layer(layer)
         files = run_analysis(kind, pool, out, config=cfg, n_per_task=n_per_task, n_calib=ANALYSIS_CALIBRATION,
                              layers=layers, ranks=rank_list,
-                             groups_per_task=group_list, progress=not quiet)
+                             groups_per_task=group_list, rows=row_list, progress=not quiet)
         for name, path in files.items():
             log.to_file(f"{name}: {path}")
         return files

@@ -134,3 +134,29 @@ def lowrank_plot(study: Mapping, path: str | Path) -> Path:
     fig.suptitle(f"low-rank per-sample forward ({study['split']}, {study['n_per_task']} per task)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def bias_plot(study: Mapping, path: str | Path) -> Path:
+    """Representation bias (:mod:`mergelab.experiment.analysis.bias`): per task and on average, the mean l2
+    distance between each row's representation of a sample and its own expert's, against the layer."""
+    plt = pyplot()
+    tasks, layers = study["tasks"], study["layers"]
+    panels = [*tasks, "average over tasks"]
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
+    for k, name in enumerate(panels):
+        ax = axes[k // cols][k % cols]
+        for row in study["rows"]:
+            ys = study["mean"][row] if name == panels[-1] else study["distance"][row][name]
+            ax.plot(layers, ys, marker="o", ms=3, label=row, ls="--" if row == "pretrained" else "-")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_ylabel("mean l2 to own expert")
+        ax.grid(alpha=0.3)
+    for k in range(len(panels), nrows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("representation bias: distance to the sample's own expert, per layer", fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, path)

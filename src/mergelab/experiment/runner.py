@@ -131,6 +131,7 @@ class RunPool:
     cache: FeatureCache | None = None
     label: str = ""
     adapters: Mapping[str, Any] = field(default_factory=dict)
+    on_snapshot: Any = None  # adaptive rows with eval_at: called with each snapshot's AdaptResult as it is taken
 
     def inputs(self) -> dict[str, list]:
         out = {}

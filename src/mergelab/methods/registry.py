@@ -112,7 +112,7 @@ class MethodOutput:
     heads: Mapping[str, Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    result: Any = None  # the method's own result object (an AdaptResult), for callers that save it
+    result: Any = None  # the method's own object (an AdaptResult; a dynamic row's SEMerging), for callers that save or probe it
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 from mergelab.core.errors import InputError
 from mergelab.core.io import atomic_write_text
 from mergelab.experiment import plots
+from mergelab.experiment.analysis.bias import DEFAULT_ROWS, bias_rows, representation_bias
 from mergelab.experiment.analysis.se_study import (
     approximations_study,
     cost_study,
@@ -22,7 +23,7 @@ from mergelab.experiment.analysis.se_study import (
 from mergelab.methods.dynamic import NORMALISATIONS, RouterConfig
 
 KINDS = ("auto-adaptation", "routing", "probe-sweep", "cost", "se-select", "lowrank", "fast-groups", "approximations",
-         "se-defaults")
+         "se-defaults", "representation-bias")
 # se-defaults: the temperature and gain grid (scale-free distances) and the task subsets it is chosen over
 DEFAULTS_TEMPERATURES = (0.03, 0.1, 0.3, 1.0)
 DEFAULTS_GAINS = (1.5, 2.5, 1 / 0.3)
@@ -68,8 +69,12 @@ def _write(out: Path, name: str, data) -> Path:
 def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None = None, n_per_task: int = 100,
                  n_calib: int = 32, layers: Sequence[int] | None = None, temperatures: Sequence[float] | None = None,
                  gains: Sequence[float] | None = None, ranks: Sequence[int] = (4, 16, 64),
-                 groups_per_task: Sequence[int] = (1, 2, 3, 4), progress: bool = True) -> dict[str, Path]:
-    """Run one analysis on the validation split of ``ctx`` (a loaded :class:`~mergelab.pools.pool.ModelPool`)."""
+                 groups_per_task: Sequence[int] = (1, 2, 3, 4), rows: Sequence[str] = DEFAULT_ROWS,
+                 progress: bool = True) -> dict[str, Path]:
+    """Run one analysis on the validation split of ``ctx`` (a loaded :class:`~mergelab.pools.pool.ModelPool`);
+    ``approximations`` and ``representation-bias`` read the *test* split (they measure, choose nothing;
+    ``representation-bias`` reads the first ``n_per_task`` inputs of each task and measures ``rows``, SyMerge
+    adapting on those inputs, the test-time protocol)."""
     if kind not in KINDS:
         raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
     if n_per_task < 1 or n_calib < 1:
@@ -145,6 +150,18 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
         files["json"] = _write(out, "se_defaults.json", study)
         out.mkdir(parents=True, exist_ok=True)
         files["markdown"] = atomic_write_text(out / "se_defaults.md", defaults_markdown(study))
+    elif kind == "representation-bias":
+        from mergelab.experiment.runner import RunPool
+
+        chosen = bias_rows(rows)  # unknown rows are refused before any work
+        splits = {t: {**s, "test": s["test"].subset(list(range(min(n_per_task, len(s["test"])))))}
+                  for t, s in ctx.splits.items()}
+        pool = RunPool(ctx.family, ctx.pretrained, dict(ctx.experts), dict(ctx.heads), splits, progress=progress,
+                       input_split="test", adapters=dict(getattr(ctx, "adapters", None) or {}))
+        study = representation_bias(pool, chosen, progress=progress)
+        study.update(split="test", n_calib=n_calib)
+        files["json"] = _write(out, "representation_bias.json", study)
+        files["png"] = plots.bias_plot(study, out / "representation_bias.png")
     else:
         cost = cost_study(ctx, n_samples=max(5, n_per_task), config=cfg)
         files["json"] = _write(out, "cost.json", cost)

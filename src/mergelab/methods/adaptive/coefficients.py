@@ -27,6 +27,7 @@ equal the pretrained tensor anyway; (b) does not change any output).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -264,6 +265,17 @@ class MergedParams(nn.Module):
         return {k: self._base[k] + self._factors[k].update(self.coefficients.column(lam, k)) if k in self._factors
                 else kernels.combine_stacked(self._base[k], self.coefficients.column(lam, k), self._stack[k])
                 for k in self.keys}
+
+    def with_values(self, values: Tensor) -> MergedParams:
+        """The same merge at other coefficient ``values`` (raw, shape of ``coefficients.raw``): a new object
+        sharing this one's (read-only) task-vector stacks, so a snapshot costs no copy of the vectors."""
+        other = copy.copy(self)
+        other._parameters, other._buffers, other._modules = {}, {}, {}
+        c = self.coefficients
+        other.coefficients = Coefficients(c.tasks, c.keys, c.granularity, c.init, c.clamp)
+        other.coefficients.set_values(values)
+        other.coefficients.raw.requires_grad_(False)
+        return other
 
     @torch.no_grad()
     def state_dict_merged(self) -> dict[str, Tensor]:

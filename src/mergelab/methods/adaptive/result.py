@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,39 @@ import torch
 from torch import Tensor, nn
 
 from mergelab.core.checkpoint import copy_sidecars
+from mergelab.core.errors import InputError
 from mergelab.core.io import atomic_write_dir, atomic_write_text, check_output_path
 from mergelab.methods.adaptive.coefficients import MergedParams
+
+
+@dataclass
+class Snapshot:
+    """The adapted state after ``step`` optimiser steps (``eval_at``): raw coefficients, copies of the heads and
+    task layers, and the seconds of optimisation up to that step."""
+
+    step: int
+    values: Tensor
+    heads: dict[str, nn.Module]
+    task_layers: dict[str, dict[str, Tensor]]
+    seconds: float
+
+
+def check_eval_at(eval_at: Sequence[int] | None, steps: int) -> list[int]:
+    """``eval_at`` as sorted distinct steps in 1..``steps`` (the steps after which to keep a snapshot)."""
+    out = []
+    for s in eval_at or ():
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= steps:
+            raise InputError(f"eval_at: {s!r} is not a step between 1 and steps ({steps})")
+        out.append(s)
+    return sorted(set(out))
+
+
+def take_snapshot(step: int, merged: MergedParams, heads: Mapping[str, nn.Module],
+                  task_layers: Mapping[str, Mapping[str, Tensor]], seconds: float) -> Snapshot:
+    """Copies of what the optimiser moves, taken inside the loop (a few kilobytes for coefficients and heads)."""
+    return Snapshot(step, merged.coefficients.raw.detach().clone(), copy_heads(dict(heads), trainable=False),
+                    {t: {k: v.detach().clone() for k, v in layers.items()} for t, layers in task_layers.items()},
+                    seconds)
 
 
 @dataclass
@@ -41,6 +72,7 @@ class AdaptResult:
     setup_seconds: float = 0.0
     steps: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    snapshots: dict[int, Snapshot] = field(default_factory=dict)
     _state: dict[str, Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -50,6 +82,21 @@ class AdaptResult:
     @property
     def coefficients(self):
         return self.merged.coefficients
+
+    def at(self, step: int) -> AdaptResult:
+        """The result as it stood after ``step`` optimiser steps: a step listed in ``eval_at``, or the last one.
+
+        One run gives the accuracy-against-steps curve: evaluate ``res.at(s)`` for each ``s`` in ``eval_at``
+        (the optimisation is the same as a run of ``s`` steps with the same seed; a test checks it)."""
+        if step == self.steps and step not in self.snapshots:
+            return self
+        if step not in self.snapshots:
+            raise InputError(f"no snapshot at step {step}; eval_at kept {sorted(self.snapshots)} "
+                             f"(and the last step, {self.steps})")
+        snap = self.snapshots[step]
+        return replace(self, merged=self.merged.with_values(snap.values), heads=snap.heads,
+                       task_layers=snap.task_layers, losses=self.losses[:step], seconds=snap.seconds, steps=step,
+                       snapshots={}, _state=None)
 
     def merged_state(self) -> dict[str, Tensor]:
         """The merged body's state dict at the learned coefficients (computed once, then cached)."""
@@ -75,6 +122,8 @@ class AdaptResult:
             "adapt_seconds": round(self.seconds, 2),
             "setup_seconds": round(self.setup_seconds, 2),
             "seconds_per_step": round(self.seconds / max(1, self.steps), 4),
+            **({"eval_at_seconds": {s: round(v.seconds, 2) for s, v in self.snapshots.items()}}
+               if self.snapshots else {}),
             "first_loss": round(self.losses[0], 5) if self.losses else None,
             "last_loss": round(sum(self.losses[-10:]) / len(self.losses[-10:]), 5) if self.losses else None,
             "coefficient_mean": {t: round(float(v), 4) for t, v in zip(

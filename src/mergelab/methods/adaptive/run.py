@@ -7,7 +7,8 @@
 - ``symerge``: SyMerge (Jung et al., arXiv 2412.19098): layer-wise coefficients learned jointly with one
   task-specific layer per task against the experts' own pseudo-labels.
 
-All read the evaluated tasks' inputs, never their labels (:mod:`.inputs`). A pool's LoRA experts
+All read the evaluated tasks' inputs, never their labels (:mod:`.inputs`). ``eval_at`` keeps snapshots; a pool
+with an ``on_snapshot`` attribute (the runner's ``RunPool``) gets each as it is taken. A pool's LoRA experts
 (``pool.adapters``) enter as their factors (:class:`~mergelab.methods.adaptive.coefficients.MergedParams`); the
 experts' own forward passes (SyMerge's pseudo-labels) run their bodies.
 """
@@ -38,9 +39,11 @@ class AdaMergingParams(BaseModel):
 
     steps: int = Field(default=DEFAULT_ADAMERGING_STEPS, ge=0, description="adaptation steps (the paper: 500)")
     lr: float = Field(default=1e-3, gt=0, description="Adam learning rate")
-    batch_size: int = Field(default=16, ge=1, description="inputs per task per step")
+    batch_size: int = Field(default=16, ge=1, description="inputs per task per step (the authors' code: 32)")
     init: float = Field(default=0.3, description="initial coefficient")
     clamp: bool = Field(default=True, description="clamp coefficients to [0, 1]")
+    eval_at: list[int] = Field(default_factory=list, description="steps after which to keep a snapshot "
+                               "(AdaptResult.at: accuracy against steps from one run)")
 
 
 class AdaMergingPlusPlusParams(AdaMergingParams):
@@ -63,7 +66,8 @@ def _output(res: AdaptResult) -> MethodOutput:
 
 def _adamerging(pool, name: str, granularity: str, vectors, params: dict[str, Any]) -> MethodOutput:
     res = adamerging(pool.family, pool.pretrained, vectors, pool.heads, pool.inputs(), granularity=granularity,
-                     seed=pool.seed, progress=pool.progress, name=name, **params)
+                     seed=pool.seed, progress=pool.progress, name=name, on_snapshot=getattr(pool, "on_snapshot", None),
+                     **params)
     return _output(res)
 
 
@@ -111,5 +115,6 @@ def _symerge(pool, **params: Any) -> MethodOutput:
         # each expert's hard label and confidence on its own task's inputs: a forward the run may already hold
         pseudo = {t: PseudoLabels.from_logits(pool.heads[t](pool.expert_features(t))) for t in texts}
     res = symerge(pool.family, pool.pretrained, _vectors(pool), pool.heads, texts,
-                  experts=pool.bodies, pseudo_labels=pseudo, seed=pool.seed, progress=pool.progress, **params)
+                  experts=pool.bodies, pseudo_labels=pseudo, seed=pool.seed, progress=pool.progress,
+                  on_snapshot=getattr(pool, "on_snapshot", None), **params)
     return _output(res)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +37,7 @@ from mergelab.core.errors import InputError
 from mergelab.core.statedict import StateDict
 from mergelab.methods.adaptive.adamerging import build_merged, check_steps, entropy
 from mergelab.methods.adaptive.inputs import Cycler, TokenCache, check_texts, frozen_module
-from mergelab.methods.adaptive.result import AdaptResult, copy_heads
+from mergelab.methods.adaptive.result import AdaptResult, check_eval_at, copy_heads, take_snapshot
 
 TASK_LAYERS = ("head", "last_block", "none")
 LOSSES = ("selflabel", "entropy")
@@ -143,6 +143,8 @@ def symerge(
     cache_tokens: bool = True,
     progress: bool = True,
     name: str = "symerge",
+    eval_at: Sequence[int] = (),
+    on_snapshot: Callable[[AdaptResult], None] | None = None,
 ) -> AdaptResult:
     """SyMerge on unlabeled ``texts`` (task -> texts): layer-wise coefficients + one layer per task.
 
@@ -151,9 +153,12 @@ def symerge(
     pseudo-labels use them as they are; the trained copies are returned in the result).
     ``steps``: optimiser steps, one task each (``steps / T`` epochs). Labels are never read.
     ``lr`` 1e-2 is the paper's value for a head; with ``task_layer="last_block"`` it diverged on text5
-    (docs/adaptive.md): pass a much smaller lr for a block.
+    (docs/adaptive.md): pass a much smaller lr for a block. ``eval_at``: steps after which to keep a snapshot
+    of the coefficients, heads and task layers (:meth:`AdaptResult.at`); ``on_snapshot`` is called with each as
+    it is taken.
     """
     check_steps(steps, lr, batch_size)
+    eval_at = check_eval_at(eval_at, steps)
     if task_layer not in TASK_LAYERS:
         raise InputError(f"task_layer must be one of {TASK_LAYERS}, got {task_layer!r}")
     if loss not in LOSSES:
@@ -173,11 +178,11 @@ def symerge(
     texts = check_texts(texts, tasks)
     with frozen_module(family.body):
         return _symerge(family, pretrained, vectors, heads, texts, tasks, experts, pseudo_labels, task_layer, loss,
-                        steps, lr, batch_size, init, clamp, seed, cache_pseudo_labels, cache_tokens, progress, name)
+                        steps, lr, batch_size, init, clamp, seed, cache_pseudo_labels, cache_tokens, progress, name, eval_at, on_snapshot)
 
 
 def _symerge(family, pretrained, vectors, heads, texts, tasks, experts, pseudo_labels, task_layer, loss, steps, lr,
-             batch_size, init, clamp, seed, cache_pseudo_labels, cache_tokens, progress, name) -> AdaptResult:
+             batch_size, init, clamp, seed, cache_pseudo_labels, cache_tokens, progress, name, eval_at, on_snapshot) -> AdaptResult:
     t0 = time.perf_counter()
     kept_keys = last_block_keys(pretrained) if task_layer == "last_block" else []
     merged = build_merged(family, pretrained, vectors, "layer", init, clamp, texts, exclude=kept_keys)
@@ -208,6 +213,8 @@ def _symerge(family, pretrained, vectors, heads, texts, tasks, experts, pseudo_l
     opt = torch.optim.Adam(trainable, lr=lr)
     losses: list[float] = []
     kept: list[float] = []
+    snapshots: dict = {}
+    paused = 0.0  # seconds spent in on_snapshot
     bar = progress_bar(steps, name, progress, unit="step")
     order: list[int] = []
     t1 = time.perf_counter()
@@ -240,12 +247,19 @@ def _symerge(family, pretrained, vectors, heads, texts, tasks, experts, pseudo_l
         opt.step()
         losses.append(float(value.detach()))
         kept.append(n_kept / len(idx))
+        if step + 1 in eval_at:
+            snapshots[step + 1] = take_snapshot(step + 1, merged, trained_heads, task_layers, time.perf_counter() - t1 - paused)
+            if on_snapshot is not None:  # e.g. evaluate it now; its time is not adaptation time
+                c0 = time.perf_counter()
+                on_snapshot(AdaptResult(method=name, merged=merged, heads=trained_heads, losses=losses, steps=step + 1,
+                                        snapshots={step + 1: snapshots[step + 1]}).at(step + 1))
+                paused += time.perf_counter() - c0
         if bar is not None:
             bar.update(1)
             if step % 5 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}",
                                 kept=f"{sum(kept[-10:]) / len(kept[-10:]):.2f}")
-    seconds = time.perf_counter() - t1
+    seconds = time.perf_counter() - t1 - paused
     if bar is not None:
         bar.close()
     for h in trained_heads.values():
@@ -253,7 +267,7 @@ def _symerge(family, pretrained, vectors, heads, texts, tasks, experts, pseudo_l
     task_layers = {t: {k: v.detach() for k, v in layers.items()} for t, layers in task_layers.items()}
     return AdaptResult(
         method=name, merged=merged, heads=trained_heads, task_layers=task_layers, losses=losses, seconds=seconds,
-        setup_seconds=setup, steps=steps,
+        setup_seconds=setup, steps=steps, snapshots=snapshots,
         params={"task_layer": task_layer, "loss": loss, "lr": lr, "batch_size": batch_size, "init": init,
                 "clamp": clamp, "seed": seed, "epochs": round(steps / len(tasks), 2),
                 "cache_pseudo_labels": cache_pseudo_labels, "cache_tokens": cache_tokens,

@@ -131,7 +131,7 @@ def run_se(pool, normalisation: str, **params: Any) -> MethodOutput:
     elif p.probes == "live" and p.mode not in PROTOTYPE_MODES:
         resolved.pop("calibration_size")
     return MethodOutput(features=feats, params={**resolved, "normalisation": normalisation},
-                        extra={"routing": routing})
+                        extra={"routing": routing}, result=se)
 
 
 def _register(name: str, normalisation: str, needs: str, summary: str) -> None:
