@@ -251,11 +251,12 @@ def unseen_plot(study: Mapping, path) -> object:
     plt = pyplot()
     fig, axes = plt.subplots(2, len(SCORES), figsize=(5 * len(SCORES), 8.4))
     inside = study["scores"]["in_pool_test"]
+    colour = {kind: f"C{i + 1}" for i, kind in enumerate(study["kinds"])}  # the same colour in both rows; C0: in-pool
     for j, s in enumerate(SCORES):
         roc, hist = axes[0][j], axes[1][j]
         for kind in study["kinds"]:
             fpr, tpr = roc_curve(study["scores"][kind][s], inside[s])
-            roc.plot(fpr, tpr, label=f"{kind} (AUROC {study['auroc'][s][kind]:.2f})")
+            roc.plot(fpr, tpr, color=colour[kind], label=f"{kind} (AUROC {study['auroc'][s][kind]:.2f})")
         roc.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8)
         roc.set_xlabel("in-pool test inputs flagged")
         roc.set_ylabel("out-of-pool inputs flagged")
@@ -264,9 +265,10 @@ def unseen_plot(study: Mapping, path) -> object:
         values = [v for g in study["scores"].values() for v in g[s]]
         lo, hi = min(values), max(values)
         bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
-        hist.hist(inside[s], bins=bins, alpha=0.5, density=True, label="in-pool test")
+        hist.hist(inside[s], bins=bins, alpha=0.5, density=True, color="C0", label="in-pool test")
         for kind in study["kinds"]:
-            hist.hist(study["scores"][kind][s], bins=bins, histtype="step", lw=1.4, density=True, label=kind)
+            hist.hist(study["scores"][kind][s], bins=bins, histtype="step", lw=1.4, density=True, color=colour[kind],
+                      label=kind)
         hist.axvline(study["thresholds"][s], color="black", ls=":",
                      label=f"threshold ({100 * study['keep']:.0f}% of in-pool validation kept)")
         hist.set_xlabel(s)
