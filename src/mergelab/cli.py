@@ -305,7 +305,7 @@ def sweep(
 @app.command()
 @input_errors_exit_2
 def analyze(
-    kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select | lowrank | fast-groups | approximations | se-defaults | representation-bias"),
+    kind: str = typer.Argument(..., help="auto-adaptation | routing | probe-sweep | cost | se-select | lowrank | fast-groups | approximations | se-defaults | representation-bias | unseen | weak-expert"),
     benchmark: str = typer.Option("text5", "--benchmark", "-b", help="Named benchmark whose experts to analyse."),
     config: Path | None = typer.Option(None, "--config", "-c", help="A pool config (pool: + evaluation:) to analyse instead: its held-out validation examples."),
     out: Path = typer.Option(Path("runs/analysis"), "--out", "-o", help="Folder for the JSON and PNG files."),
@@ -319,6 +319,12 @@ def analyze(
     ranks: list[int] | None = typer.Option(None, "--ranks", help="lowrank: task-vector ranks to try (repeatable; default 4 16 64)."),
     groups_per_task: list[int] | None = typer.Option(None, "--groups-per-task", help="fast-groups: quantized merged models per task to try (repeatable; default 1 2 3 4)."),
     rows: list[str] | None = typer.Option(None, "--row", help="representation-bias: a table row to measure (repeatable; default: task_arithmetic_0.3, ties, se_merging_task_arithmetic, se_prototype_task_arithmetic, symerge)."),
+    keep: float = typer.Option(0.95, "--keep", help="unseen: share of in-pool validation inputs the static fallback keeps on the dynamic path."),
+    fallback_score: str = typer.Option("distance", "--fallback-score", help="unseen: entropy | distance | spread, the score the fallback thresholds."),
+    kinds: list[str] | None = typer.Option(None, "--kind", help="unseen: out-of-pool kinds (repeatable; default hamlet guardian roget)."),
+    weak_task: str = typer.Option("bbc_topic", "--weak-task", help="weak-expert: the task whose expert is degraded."),
+    weak_steps: int = typer.Option(50, "--weak-steps", help="weak-expert: the weak expert's fine-tuning steps."),
+    shuffle: float = typer.Option(0.3, "--shuffle", help="weak-expert: share of the weak expert's training labels shuffled."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """SE-Merging analyses on a benchmark's (or a pool config's held-out) validation split: JSON and PNG plots.
@@ -336,6 +342,11 @@ def analyze(
     temperature x gain grid on validation for the first 2, the first 3 and all tasks. representation-bias: per
     layer and task, the distance between each row's representation of a test input and its own expert's
     (--row, --n-per-task).
+    quantized per-sample coefficients (--groups-per-task). unseen: how well routing entropy, distance to the
+    nearest prototype and the experts' spread flag out-of-pool texts (AUROC against --n-per-task test inputs
+    per task), and a static fallback for flagged inputs (threshold on validation: --keep, --fallback-score).
+    weak-expert: a named benchmark's rows (Task Arithmetic, TIES, SE prototype fast, SyMerge) on its test split,
+    with its experts and with one weak expert (--weak-task, --weak-steps, --shuffle).
 
     Example:
 
@@ -349,7 +360,10 @@ def analyze(
                                 "gain": gain}.items() if v is not None}
     files = analyze_run(kind, out, benchmark=benchmark, config=config, cache=cache, router=router,
                         n_per_task=n_per_task, layers=layers, ranks=ranks, groups_per_task=groups_per_task,
-                        rows=rows, quiet=quiet)
+                        rows=rows, keep=keep, fallback_score=fallback_score, unseen_kinds=kinds, weak_task=weak_task,
+                        weak_steps=weak_steps, shuffle=shuffle, quiet=quiet)
+    if "table" in files:
+        console.print(files["table"].read_text(), highlight=False, soft_wrap=True)
     for name, path in files.items():
         console.print(f"{name}: {path}", highlight=False)
 

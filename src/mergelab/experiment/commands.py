@@ -280,18 +280,48 @@ def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path 
                 cache: Path | None = None, router: Mapping[str, Any] | None = None, n_per_task: int = 100,
                 layers: Sequence[int] | None = None, ranks: Sequence[int] | None = None,
                 groups_per_task: Sequence[int] | None = None, rows: Sequence[str] | None = None,
-                quiet: bool = False) -> dict[str, Path]:
+                keep: float = 0.95, fallback_score: str = "distance",
+                unseen_kinds: Sequence[str] | None = None, weak_task: str = "bbc_topic", weak_steps: int = 50,
+                shuffle: float = 0.3, quiet: bool = False) -> dict[str, Path]:
     """``mergelab analyze``: one SE-Merging analysis on a named benchmark's or a pool config's validation
-    split; writes ``out`` (options.json, environment.json, run.log, the analysis' JSON and PNG files)."""
-    from mergelab.experiment.analysis.run import KINDS, run_analysis
+    split; writes ``out`` (options.json, environment.json, run.log, the analysis' JSON and PNG files).
+    ``unseen`` also reads test inputs and out-of-pool texts (``unseen_kinds``, default all of
+    :data:`~mergelab.pools.data.unseen.UNSEEN_SOURCES`); ``keep`` and ``fallback_score`` set its static fallback.
+    ``weak-expert`` runs a named benchmark's rows with ``weak_task``'s expert and with a weak one (``weak_steps``
+    steps, ``shuffle`` of its training labels shuffled) on the test split."""
+    from mergelab.experiment.analysis.run import BENCHMARK_KINDS, KINDS, run_analysis, run_weak_expert
     from mergelab.experiment.config import load_config
     from mergelab.experiment.rundir import logged_run, start_command_run
     from mergelab.methods.dynamic import RouterConfig
     from mergelab.pools.benchmarks import get_benchmark
 
     cfg = RouterConfig(**{**RouterConfig().to_dict(), **dict(router or {})})
-    if kind not in KINDS:
-        raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind not in KINDS + BENCHMARK_KINDS:
+        raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS + BENCHMARK_KINDS)}")
+    if kind in BENCHMARK_KINDS:
+        from mergelab.experiment.analysis.weak import shuffle_labels
+        from mergelab.pools.data.tasks import TaskData
+
+        if config is not None:
+            raise InputError(f"analysis {kind!r} runs a named benchmark (--benchmark), not a pool config")
+        spec = get_benchmark(benchmark)
+        if weak_task not in spec.task_names:
+            raise InputError(f"--weak-task {weak_task!r}: not a task of {benchmark!r} ({', '.join(spec.task_names)})")
+        if weak_steps < 1:
+            raise InputError(f"--weak-steps must be a positive integer, got {weak_steps}")
+        shuffle_labels(TaskData("check", ["x"], [0]), shuffle)
+        created = not out.exists()
+        start_command_run(out, "analyze", {"kind": kind, "benchmark": benchmark, "cache": cache, "weak_task": weak_task,
+                                           "weak_steps": weak_steps, "shuffle": shuffle})
+
+        def weak_body(log):
+            files = run_weak_expert(spec, out, task=weak_task, steps=weak_steps, shuffle=shuffle, cache_dir=cache,
+                                    progress=not quiet, console=log)
+            for name, path in files.items():
+                log.to_file(f"{name}: {path}")
+            return files
+
+        return logged_run(out, quiet, weak_body, created=created)
     if config is None:
         spec = get_benchmark(benchmark)
         check_probe_layers(spec, [cfg.layer, *(layers or [])])
@@ -308,6 +338,16 @@ def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path 
     row_list = tuple(rows) if rows else DEFAULT_ROWS
     if kind == "representation-bias":
         bias_rows(row_list)  # an unknown row is refused before the run directory is made
+    if kind == "unseen":
+        from mergelab.experiment.analysis.unseen import SCORES, fit_threshold
+        from mergelab.pools.data.unseen import UNSEEN_SOURCES
+
+        fit_threshold([0.0], keep)  # a bad --keep is refused before the run directory is made
+        if fallback_score not in SCORES:
+            raise InputError(f"--fallback-score {fallback_score!r}: expected one of {', '.join(SCORES)}")
+        bad = [k for k in unseen_kinds or [] if k not in UNSEEN_SOURCES]
+        if bad:
+            raise InputError(f"--kind {bad[0]!r}: not an out-of-pool kind; known: {', '.join(UNSEEN_SOURCES)}")
     group_list = tuple(groups_per_task) if groups_per_task else (1, 2, 3, 4)
     rank_list = tuple(ranks) if ranks else ((8, 32, 128) if kind == "approximations" else (4, 16, 64))
     created = not out.exists()
@@ -315,7 +355,8 @@ def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path 
         "kind": kind, "benchmark": None if config is not None else benchmark, "config": config, "cache": cache,
         "router": cfg.to_dict(), "n_per_task": n_per_task, "layers": list(layers) if layers else None,
         "ranks": list(rank_list), "groups_per_task": list(group_list),
-        **({"rows": list(row_list)} if kind == "representation-bias" else {})})
+        **({"rows": list(row_list)} if kind == "representation-bias" else {}),
+        **({"keep": keep, "fallback_score": fallback_score, "unseen_kinds": list(unseen_kinds or [])} if kind == "unseen" else {})})
 
     def body(log):
         pool = pool_or_benchmark(config, benchmark, cache, progress=not quiet, console=log)
@@ -327,9 +368,14 @@ def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path 
                                  f"examples; {short} hold too few (raise it above {ANALYSIS_CALIBRATION})")
         for layer in layers or []:
             pool.family.check_layer(layer)
+        unseen = None
+        if kind == "unseen" and unseen_kinds:
+            from mergelab.pools.data.unseen import load_unseen
+
+            unseen = {k: list(load_unseen(k).sample(n_per_task, 0).texts) for k in unseen_kinds}
         files = run_analysis(kind, pool, out, config=cfg, n_per_task=n_per_task, n_calib=ANALYSIS_CALIBRATION,
-                             layers=layers, ranks=rank_list,
-                             groups_per_task=group_list, rows=row_list, progress=not quiet)
+                             layers=layers, ranks=rank_list, groups_per_task=group_list, rows=row_list, unseen=unseen,
+                             keep=keep, fallback_score=fallback_score, progress=not quiet)
         for name, path in files.items():
             log.to_file(f"{name}: {path}")
         return files

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mergelab.core.errors import InputError
@@ -23,7 +23,7 @@ from mergelab.experiment.analysis.se_study import (
 from mergelab.methods.dynamic import NORMALISATIONS, RouterConfig
 
 KINDS = ("auto-adaptation", "routing", "probe-sweep", "cost", "se-select", "lowrank", "fast-groups", "approximations",
-         "se-defaults", "representation-bias")
+         "se-defaults", "representation-bias", "unseen")
 # se-defaults: the temperature and gain grid (scale-free distances) and the task subsets it is chosen over
 DEFAULTS_TEMPERATURES = (0.03, 0.1, 0.3, 1.0)
 DEFAULTS_GAINS = (1.5, 2.5, 1 / 0.3)
@@ -59,6 +59,8 @@ def defaults_markdown(study: dict) -> str:
     st = [_pct(s["static"]["average"]) for s in subsets]
     lines.append("| static Task Arithmetic 0.3 | | " + " | ".join(st) + f" | {_pct(sum(s['static']['average'] for s in subsets) / len(subsets))} |")
     return "\n".join(lines) + "\n"
+# analyses that run rows on a named benchmark's pool twice (they need its spec, not a loaded pool)
+BENCHMARK_KINDS = ("weak-expert",)
 
 
 def _write(out: Path, name: str, data) -> Path:
@@ -70,11 +72,16 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
                  n_calib: int = 32, layers: Sequence[int] | None = None, temperatures: Sequence[float] | None = None,
                  gains: Sequence[float] | None = None, ranks: Sequence[int] = (4, 16, 64),
                  groups_per_task: Sequence[int] = (1, 2, 3, 4), rows: Sequence[str] = DEFAULT_ROWS,
-                 progress: bool = True) -> dict[str, Path]:
+                 unseen: Mapping[str, Sequence[str]] | None = None, keep: float = 0.95, fallback_score: str = "distance",
+                 seed: int = 0, progress: bool = True) -> dict[str, Path]:
     """Run one analysis on the validation split of ``ctx`` (a loaded :class:`~mergelab.pools.pool.ModelPool`);
     ``approximations`` and ``representation-bias`` read the *test* split (they measure, choose nothing;
     ``representation-bias`` reads the first ``n_per_task`` inputs of each task and measures ``rows``, SyMerge
-    adapting on those inputs, the test-time protocol)."""
+    adapting on those inputs, the test-time protocol).
+
+    ``unseen`` (the ``unseen`` analysis): out-of-pool texts per kind (default: ``n_per_task`` of each kind of
+    :data:`~mergelab.pools.data.unseen.UNSEEN_SOURCES`, sampled with ``seed``); it also reads ``n_per_task``
+    test inputs per task (:mod:`mergelab.experiment.analysis.unseen`)."""
     if kind not in KINDS:
         raise InputError(f"unknown analysis {kind!r}; choose one of {', '.join(KINDS)}")
     if n_per_task < 1 or n_calib < 1:
@@ -162,6 +169,18 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
         study.update(split="test", n_calib=n_calib)
         files["json"] = _write(out, "representation_bias.json", study)
         files["png"] = plots.bias_plot(study, out / "representation_bias.png")
+    elif kind == "unseen":
+        from mergelab.experiment.analysis.unseen import unseen_plot, unseen_study, unseen_table
+        from mergelab.pools.data.unseen import UNSEEN_SOURCES, load_unseen
+
+        if unseen is None:
+            unseen = {k: list(load_unseen(k).sample(n_per_task, seed).texts) for k in UNSEEN_SOURCES}
+        study = unseen_study(ctx, unseen, config=cfg, n_per_task=n_per_task, n_calib=n_calib, keep=keep,
+                             fallback_score=fallback_score, seed=seed, progress=progress)
+        files["json"] = _write(out, "unseen.json", study)
+        out.mkdir(parents=True, exist_ok=True)
+        files["table"] = atomic_write_text(out / "unseen.md", unseen_table(study))
+        files["png"] = unseen_plot(study, out / "unseen.png")
     else:
         cost = cost_study(ctx, n_samples=max(5, n_per_task), config=cfg)
         files["json"] = _write(out, "cost.json", cost)
@@ -169,4 +188,17 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
     return files
 
 
-__all__ = ["KINDS", "NORMALISATIONS", "run_analysis"]
+def run_weak_expert(spec, out: str | Path, *, task: str, steps: int, shuffle: float, cache_dir=None,
+                    progress: bool = True, console=None) -> dict[str, Path]:
+    """The ``weak-expert`` analysis (:mod:`mergelab.experiment.analysis.weak`): JSON and Markdown table."""
+    from mergelab.experiment.analysis.weak import weak_expert_study, weak_table
+
+    study = weak_expert_study(spec, task, steps=steps, shuffle=shuffle, cache_dir=cache_dir, progress=progress,
+                              console=console)
+    out = Path(out)
+    files = {"json": _write(out, "weak_expert.json", study)}
+    files["table"] = atomic_write_text(out / "weak_expert.md", weak_table(study))
+    return files
+
+
+__all__ = ["BENCHMARK_KINDS", "KINDS", "NORMALISATIONS", "run_analysis", "run_weak_expert"]
