@@ -310,10 +310,11 @@ def test_bench_config_writes_a_complete_run_dir_and_report(tiny_benchmark, tmp_p
     cells = [c.strip() for c in row.strip("|").split("|")]
     # each accuracy with its binomial standard error sqrt(p (1 - p) / n), n the task's test-set size
     se = {t: (ties["per_task"][t] * (1 - ties["per_task"][t]) / res["splits"][t]["test"]) ** 0.5 for t in res["tasks"]}
-    assert cells[1:3] == [f"{100 * ties['per_task'][t]:.1f} ±{100 * se[t]:.1f}" for t in res["tasks"]]
+    assert cells[1] == "validation"  # what the row read: TIES searches its scaling on labeled validation data
+    assert cells[2:4] == [f"{100 * ties['per_task'][t]:.1f} ±{100 * se[t]:.1f}" for t in res["tasks"]]
     avg_se = sum(s * s for s in se.values()) ** 0.5 / len(se)
-    assert cells[3] == f"{100 * ties['average']:.1f} ±{100 * avg_se:.1f}"
-    assert cells[4] == f"{100 * ties['normalized_average']:.1f}"
+    assert cells[4] == f"{100 * ties['average']:.1f} ±{100 * avg_se:.1f}"
+    assert cells[5] == f"{100 * ties['normalized_average']:.1f}"
     # images: valid PNGs, referenced by the Markdown and embedded in the HTML
     for png in ("report_accuracy.png", "accuracy.png"):
         check_png(run / png)

@@ -115,7 +115,7 @@ def test_input_scores_match_direct_computation(ctx) -> None:
                           for s in ctx.splits.values()])
     d_proto = torch.stack([(m - protos[t]).norm(dim=-1) for t in range(3)], -1)
     assert torch.allclose(got["distance"], d_proto.min(-1).values, atol=1e-5)
-    z = (d_proto - d_proto.mean(-1, keepdim=True)) / d_proto.std(-1, unbiased=False, keepdim=True)
+    z = d_proto / d_proto.abs().mean(-1, keepdim=True)  # the router's scale-free distances (equation (4))
     w = torch.softmax(-z, -1)  # temperature 1
     assert torch.allclose(got["entropy"], -(w * w.log()).sum(-1), atol=1e-5)
     d_exp = torch.stack([(m - ctx.family.probe(batch, ctx.experts[t], [1])[1]).norm(dim=-1) for t in ("t0", "t1", "t2")], -1)
