@@ -21,9 +21,8 @@ from mergelab.experiment.se_evaluate import evaluate_se
 from mergelab.methods import plan as make_plan
 from mergelab.methods.dynamic import RouterConfig, SEMerging
 from mergelab.pools.data.tasks import TextTask
-from mergelab.pools.families.text import TextClassifierFamily
 from mergelab.pools.pool import ModelPool
-from tests.tiny_models import VOCAB, tiny_bert_config, tiny_tokenizer
+from tests.tiny_models import VOCAB, tiny_bert_pool
 
 PNG = b"\x89PNG\r\n\x1a\n"
 WORDS = VOCAB[5:]
@@ -31,27 +30,15 @@ WORDS = VOCAB[5:]
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory: pytest.TempPathFactory) -> ModelPool:
-    from transformers import BertModel
-
-    d: Path = tmp_path_factory.mktemp("tiny-bert-analysis")
-    torch.manual_seed(0)
-    BertModel(tiny_bert_config()).save_pretrained(str(d))
-    tiny_tokenizer().save_pretrained(str(d))
-    family = TextClassifierFamily(d, max_length=12)
-    pre = family.pretrained_state()
-    g = torch.Generator().manual_seed(0)
-    tasks = ["t0", "t1", "t2"]
-    bodies = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-                  for k, v in pre.items()} for t in tasks}
-    heads = {t: torch.nn.Linear(32, 2).eval() for t in tasks}
     rng = torch.Generator().manual_seed(1)
-    splits = {}
-    for i, t in enumerate(tasks):
+
+    def splits_for(i: int, t: str) -> dict:
         texts = [" ".join(WORDS[(i * 7 + j * 3 + int(torch.randint(0, 5, (1,), generator=rng))) % len(WORDS)]
                           for j in range(4)) + f" {k}" for k in range(50)]
         task = TextTask(t, texts, [k % 2 for k in range(50)], label_names=["x", "y"])
-        splits[t] = {"train": task.subset(range(10)), "validation": task.subset(range(10, 50)), "test": task.subset(range(10))}
-    return ModelPool(family=family, pretrained=pre, experts=bodies, heads=heads, splits=splits)
+        return {"train": task.subset(range(10)), "validation": task.subset(range(10, 50)), "test": task.subset(range(10))}
+
+    return tiny_bert_pool(tmp_path_factory.mktemp("tiny-bert-analysis"), splits_for)
 
 
 def test_probe_analyses_match_direct_computation(ctx) -> None:

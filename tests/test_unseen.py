@@ -27,9 +27,8 @@ from mergelab.experiment.analysis.unseen import (
 from mergelab.methods.dynamic import RouterConfig
 from mergelab.pools.data.tasks import TaskData
 from mergelab.pools.data.unseen import load_guardian, load_hamlet, load_roget
-from mergelab.pools.families.text import TextClassifierFamily
 from mergelab.pools.pool import ModelPool
-from tests.tiny_models import VOCAB, tiny_bert_config, tiny_tokenizer
+from tests.tiny_models import VOCAB, tiny_bert_pool
 
 WORDS = VOCAB[5:]
 
@@ -80,25 +79,12 @@ def test_static_fallback_replaces_flagged_rows_only() -> None:
 # ---------------------------------------------------------------------------------------------- tiny pool
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory: pytest.TempPathFactory) -> ModelPool:
-    from transformers import BertModel
-
-    d: Path = tmp_path_factory.mktemp("tiny-bert-unseen")
-    torch.manual_seed(0)
-    BertModel(tiny_bert_config()).save_pretrained(str(d))
-    tiny_tokenizer().save_pretrained(str(d))
-    family = TextClassifierFamily(d, max_length=12)
-    pre = family.pretrained_state()
-    g = torch.Generator().manual_seed(0)
-    tasks = ["t0", "t1", "t2"]
-    bodies = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-                  for k, v in pre.items()} for t in tasks}
-    heads = {t: torch.nn.Linear(32, 2).eval() for t in tasks}
-    splits = {}
-    for i, t in enumerate(tasks):
+    def splits_for(i: int, t: str) -> dict:
         texts = [" ".join(WORDS[(i * 7 + j * 3 + k) % len(WORDS)] for j in range(4)) + f" {k}" for k in range(40)]
         task = TaskData(t, texts, [k % 2 for k in range(40)], label_names=["x", "y"])
-        splits[t] = {"train": task.subset(range(4)), "validation": task.subset(range(4, 30)), "test": task.subset(range(30, 40))}
-    return ModelPool(family=family, pretrained=pre, experts=bodies, heads=heads, splits=splits)
+        return {"train": task.subset(range(4)), "validation": task.subset(range(4, 30)), "test": task.subset(range(30, 40))}
+
+    return tiny_bert_pool(tmp_path_factory.mktemp("tiny-bert-unseen"), splits_for)
 
 
 UNSEEN = {"far": [" ".join(WORDS[-k - 1] for _ in range(6)) for k in range(5)], "near": ["[UNK] " * 3 + "x"] * 2}

@@ -63,3 +63,26 @@ def save_tiny_pool(root: Path) -> tuple[Path, Path, Path, Path]:
     a = save_tiny_bert(root / "a", seed=1, perturb=0.02, base=pre)
     b = save_tiny_bert(root / "b", seed=2, perturb=0.02, base=pre)
     return root, pre, a, b
+
+
+def tiny_bert_pool(directory: Path, splits_for):
+    """A three-task pool over a tiny BERT saved in ``directory``: experts = pretrained + seeded Gaussian noise
+    (0.1), random two-class heads; ``splits_for(i, task_name)`` gives each task's ``{"train", "validation",
+    "test"}`` splits. Shared by the analysis tests (``test_analysis.py``, ``test_unseen.py``)."""
+    from transformers import BertModel
+
+    from mergelab.pools.families.text import TextClassifierFamily
+    from mergelab.pools.pool import ModelPool
+
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config()).save_pretrained(str(directory))
+    tiny_tokenizer().save_pretrained(str(directory))
+    family = TextClassifierFamily(directory, max_length=12)
+    pre = family.pretrained_state()
+    g = torch.Generator().manual_seed(0)
+    tasks = ["t0", "t1", "t2"]
+    bodies = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+                  for k, v in pre.items()} for t in tasks}
+    heads = {t: torch.nn.Linear(32, 2).eval() for t in tasks}
+    splits = {t: splits_for(i, t) for i, t in enumerate(tasks)}
+    return ModelPool(family=family, pretrained=pre, experts=bodies, heads=heads, splits=splits)

@@ -239,7 +239,9 @@ def bench(
     """
     from mergelab.experiment.commands import bench_config, bench_run
     from mergelab.experiment.report import rich_table
-    from mergelab.pools.benchmarks import DEFAULT_BENCHMARK  # here, not at the top: `mergelab merge` starts without pools
+    from mergelab.pools.benchmarks import (
+        DEFAULT_BENCHMARK,  # here, not at the top: `mergelab merge` starts without pools
+    )
 
     if config is not None:
         given = [f for f, v in (("--benchmark", benchmark is not None), ("--cache", cache), ("--row", row),
