@@ -69,6 +69,44 @@ def test_exact_batched_equals_reference_random_coefficients(setup) -> None:
     assert _rel(plain, run_with(family.body, pre, **batch).last_hidden_state) < 1e-7
 
 
+def test_reused_weight_buffer_gives_the_tracked_result_and_gradients(setup) -> None:
+    """Without autograd the per-sample weights go through one reused buffer (every layer, two batch sizes in one
+    block); with coefficients that need a gradient they are fresh tensors. Same outputs either way, and the
+    gradient of the coefficients against central finite differences of the same function."""
+    family, pre, experts = setup
+    plan = make_plan("task_arithmetic", pre, experts, scaling=0.3)
+    stacked = StackedVectors.from_vectors(plan.vectors)
+    batch = family.tokenize(TEXTS)
+    small = {k: v[:3] for k, v in batch.items()}
+    coeffs = torch.rand(len(TEXTS), len(TASKS), generator=torch.Generator().manual_seed(5)) + 0.1
+    current = {"c": coeffs}
+    with torch.no_grad(), per_sample_mixing(family.body, pre, stacked, lambda: current["c"]):
+        buffered = run_with(family.body, pre, **batch).last_hidden_state
+        current["c"] = coeffs[:3]
+        buffered_small = run_with(family.body, pre, **small).last_hidden_state  # a smaller batch reuses it
+        current["c"] = coeffs
+        again = run_with(family.body, pre, **batch).last_hidden_state
+    torch.testing.assert_close(buffered_small, buffered[:3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, buffered, rtol=0, atol=0)
+
+    leaf = coeffs.clone().requires_grad_(True)
+    with per_sample_mixing(family.body, pre, stacked, leaf):
+        tracked = run_with(family.body, pre, **batch).last_hidden_state
+    torch.testing.assert_close(tracked.detach(), buffered, rtol=1e-5, atol=1e-5)
+    tracked.pow(2).sum().backward()
+
+    def loss(c: torch.Tensor) -> float:
+        with torch.no_grad(), per_sample_mixing(family.body, pre, stacked, c):
+            return float(run_with(family.body, pre, **batch).last_hidden_state.double().pow(2).sum())
+
+    h, b, t = 1e-2, 2, 1
+    up, down = coeffs.clone(), coeffs.clone()
+    up[b, t] += h
+    down[b, t] -= h
+    numeric = (loss(up) - loss(down)) / (2 * h)
+    assert abs(float(leaf.grad[b, t]) - numeric) <= 2e-2 * abs(numeric) + 1e-3
+
+
 def test_same_coefficients_for_all_samples_is_the_static_merge(setup) -> None:
     family, pre, experts = setup
     plan = make_plan("ties", pre, experts, density=0.5, scaling=1.0)
