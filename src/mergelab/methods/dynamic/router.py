@@ -61,14 +61,15 @@ PROBES = ("live", "cached")  # expert representations: T partial passes per inpu
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """SE-Merging's free parameters. Rule and layer were chosen on the text5 *validation* splits; temperature
-    0.1 and gain 2.5 are provisional until ``mergelab analyze se-defaults`` (validation, 2, 3 and 5 tasks)
-    has run (docs/methods.md)."""
+    """SE-Merging's free parameters, all chosen on text5's *validation* splits (docs/methods.md): rule and layer
+    by routing accuracy, temperature 0.1 and gain 1 / 0.3 by ``mergelab analyze se-defaults`` (the best mean
+    accuracy over 2, 3 and 5 tasks). Gain 1 / 0.3 over Task Arithmetic 0.3 gives a task the router is
+    certain of its expert's weights (coefficient 1)."""
 
     layer: int = 1
     normalisation: str = "prototype"
     temperature: float = 0.1
-    gain: float = 2.5  # total coefficient mass / the base's mean coefficient (1 / lbar = the expert when certain)
+    gain: float = 1 / 0.3  # total coefficient mass / the base's mean coefficient (1 / lbar = the expert when certain)
     scale: str = "mean"
     probes: str = "live"
 
