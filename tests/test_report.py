@@ -29,6 +29,25 @@ def test_standard_errors_by_hand():
     assert accuracy_table(no_sizes)[1] == [["m", "50.0", "90.0", "70.0", "80.0", "3"]]
 
 
+def test_terminal_table_drops_per_task_columns_only_when_too_narrow():
+    from rich.console import Console
+
+    wide = {**RESULTS, "methods": {"se_prototype_task_arithmetic_fast": RESULTS["methods"]["m"]}}
+    full = rich_table(wide)
+    assert [str(c.header) for c in full.columns] == ["method", "a", "b", "avg", "norm", "s"]
+    # widest cells 33 + 9 + 9 + 9 + 4 + 1 characters, with 3 each of padding and border, + 1: 84 needed
+    fits = Console(width=84, record=True)
+    fits.print(rich_table(wide, width=84))
+    assert len(rich_table(wide, width=84).columns) == 6 and "…" not in fits.export_text()
+    narrow = rich_table(wide, width=83)
+    assert [str(c.header) for c in narrow.columns] == ["method", "avg", "norm", "s"]
+    assert "results.md" in str(narrow.caption)
+    console = Console(width=60, record=True)
+    console.print(narrow)
+    text = console.export_text()
+    assert "se_prototype_task_arithmetic_fast" in text and "70.0 ±2.9" in text  # readable, not squeezed
+
+
 def test_report_page_shows_the_same_table(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(RESULTS))
     files = render_report(tmp_path)

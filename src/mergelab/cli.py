@@ -252,7 +252,7 @@ def bench(
                        tasks=parse_experts(task, what="--task") if task else None,
                        steps=_parse_steps(steps or []))
     results, _, files = bench_run(cfg, out, name=config.stem if config is not None else None, quiet=quiet)
-    console.print(rich_table(results))
+    console.print(rich_table(results, width=console.width))
     console.print(f"results: {files} ({results['seconds_total']:.0f}s)", highlight=False)
 
 
@@ -290,7 +290,7 @@ def sweep(
                         quiet=quiet, console=Console(stderr=True, quiet=quiet, soft_wrap=True))
     results = json.loads(run.files["json"].read_text(encoding="utf-8"))
     if len(results["methods"]) > 2:
-        console.print(rich_table(results))
+        console.print(rich_table(results, width=console.width))
     header, rows = task_count_cells(run)
     if rows and len(header) > 2:
         table = Table(title="normalised test accuracy (%) by number of tasks", title_justify="left")

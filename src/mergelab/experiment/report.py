@@ -57,16 +57,29 @@ def accuracy_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str
     return header, rows
 
 
-def rich_table(results: Mapping[str, Any]):
+def rich_table(results: Mapping[str, Any], width: int | None = None):
+    """The accuracy table for a terminal. Every column when it fits in ``width`` characters (None: always);
+    on a narrower terminal the per-task columns are left out (they are in results.md and results.json) and
+    the caption says so, so that the method names and averages stay readable instead of squeezed."""
     from rich.table import Table
 
     header, rows = accuracy_table(results)
-    table = Table(title=f"{results['benchmark']}: test accuracy (%)")
-    for j, h in enumerate(header):
-        table.add_column({"normalised": "norm", "seconds": "s", "average": "avg"}.get(h, h),
-                         justify="left" if j == 0 else "right", style="bold" if h in ("method", "average") else None)
+    short = {"normalised": "norm", "seconds": "s", "average": "avg"}
+    cols = list(range(len(header)))
+    # each cell plus rich's padding and border (3 characters a column, 1 for the closing border)
+    needed = sum(max(len(short.get(header[j], header[j])), *(len(r[j]) for r in rows)) + 3 for j in cols) + 1
+    compact = width is not None and needed > width
+    if compact:
+        tasks = set(results["tasks"])
+        cols = [j for j in cols if header[j] not in tasks]
+    table = Table(title=f"{results['benchmark']}: test accuracy (%)",
+                  caption="per task: results.md (the terminal is too narrow for every column)" if compact else None)
+    for j in cols:
+        h = header[j]
+        table.add_column(short.get(h, h), justify="left" if j == 0 else "right",
+                         style="bold" if h in ("method", "average") else None, no_wrap=h == "method")
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(r[j] for j in cols))
     return table
 
 
