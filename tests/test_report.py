@@ -48,6 +48,16 @@ def test_terminal_table_drops_per_task_columns_only_when_too_narrow():
     assert "se_prototype_task_arithmetic_fast" in text and "70.0 ±2.9" in text  # readable, not squeezed
 
 
+def test_accuracy_chart_with_and_without_the_experts_row(tmp_path):
+    from mergelab.experiment.report import accuracy_chart
+
+    with_experts = {**RESULTS, "methods": {"individual": RESULTS["methods"]["m"], **RESULTS["methods"]}}
+    for name, results in (("with.png", with_experts), ("without.png", RESULTS)):
+        path = accuracy_chart(results, tmp_path / name)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["with.png", "without.png"]  # nothing left behind
+
+
 def test_report_page_shows_the_same_table(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(RESULTS))
     files = render_report(tmp_path)

@@ -285,7 +285,7 @@ def search_plot(run, path: Path) -> Path | None:
 
 def write_sweep_outputs(cfg: SweepConfig, run, *, plots: bool = True) -> dict[str, Path]:
     """results.json, results.md, accuracy.png, task_count.png, search_history.png and sweep.json."""
-    from mergelab.experiment.report import bar_chart
+    from mergelab.experiment.report import accuracy_chart
     from mergelab.experiment.results import Results
 
     d = run.sweep_dir
@@ -295,7 +295,7 @@ def write_sweep_outputs(cfg: SweepConfig, run, *, plots: bool = True) -> dict[st
     files["json"] = atomic_write_text(d / "results.json", json.dumps(results, indent=2) + "\n")
     files["md"] = atomic_write_text(d / "results.md", sweep_markdown(cfg, run, results))
     if plots and len(results["methods"]) > 2:
-        files["png"] = bar_chart(results, d / "accuracy.png")
+        files["png"] = accuracy_chart(results, d / "accuracy.png")
     for name, fn in (("task_count", task_count_plot), ("search_history", search_plot)) if plots else ():
         p = fn(run, d / f"{name}.png")
         if p is not None:
