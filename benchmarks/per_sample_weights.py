@@ -6,8 +6,8 @@ This times, for MiniLM's three linear shapes, the mix and the batched product ``
 - ``fresh``: ``W_0 + einsum(C, tau)``, two new ``[B, out, in]`` tensors (the code before the buffer);
 - ``in_place``: one new tensor from ``einsum``, ``W_0`` added in place;
 - ``split``: ``einsum`` only, ``x W_0^T`` as a separate static product;
-- ``buffer``: ``torch.mm(C, tau, out=buffer)`` into a buffer reused across calls, ``W_0`` added in place
-  (what ``per_sample_mixing`` does now when no gradient is needed).
+- ``buffer``: ``core.functional._Scratch.mixed``, the code ``per_sample_mixing`` runs when no gradient is needed
+  (``torch.mm(C, tau, out=buffer)`` into a buffer reused across calls, ``W_0`` added in place).
 
 Median of ``--repeats`` interleaved rounds, in ms, and each variant's ratio to ``fresh``; all four agree to
 float32 rounding (checked before timing).
@@ -24,10 +24,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mergelab.core.functional import _Scratch
+
 
 def variants(w0: torch.Tensor, tau: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> dict:
-    b, t = c.shape
-    buf = torch.empty(b * w0.numel())
+    scratch = _Scratch()
 
     def fresh():
         w = w0.unsqueeze(0) + torch.einsum("bt,t...->b...", c, tau)
@@ -43,9 +44,7 @@ def variants(w0: torch.Tensor, tau: torch.Tensor, c: torch.Tensor, x: torch.Tens
         return torch.bmm(x, w.transpose(1, 2)).add_(F.linear(x, w0))
 
     def buffer():
-        w = torch.mm(c, tau.reshape(t, -1), out=buf.view(b, -1)).view(b, *w0.shape)
-        w += w0
-        return torch.bmm(x, w.transpose(1, 2))
+        return torch.bmm(x, scratch.mixed(w0, tau, c).transpose(1, 2))
 
     return {"fresh": fresh, "in_place": in_place, "split": split, "buffer": buffer}
 

@@ -46,6 +46,7 @@ def test_terminal_table_drops_per_task_columns_only_when_too_narrow():
     console.print(narrow)
     text = console.export_text()
     assert "se_prototype_task_arithmetic_fast" in text and "70.0 ±2.9" in text  # readable, not squeezed
+    assert rich_table({**RESULTS, "methods": {}}, width=60).row_count == 0  # no rows yet: no crash
 
 
 def test_accuracy_chart_with_and_without_the_experts_row(tmp_path):

@@ -67,7 +67,7 @@ def rich_table(results: Mapping[str, Any], width: int | None = None):
     short = {"normalised": "norm", "seconds": "s", "average": "avg"}
     cols = list(range(len(header)))
     # each cell plus rich's padding and border (3 characters a column, 1 for the closing border)
-    needed = sum(max(len(short.get(header[j], header[j])), *(len(r[j]) for r in rows)) + 3 for j in cols) + 1
+    needed = sum(max([len(short.get(header[j], header[j])), *(len(r[j]) for r in rows)]) + 3 for j in cols) + 1
     compact = width is not None and needed > width
     if compact:
         tasks = set(results["tasks"])
