@@ -327,6 +327,44 @@ def test_ray_sweep_equals_inline_resumes_and_records_failures(storage: Path, inl
     assert len(failed) == 3 and all("explode_test refuses scaling 0.9" in r["error"] for r in failed)
 
 
+def test_fence_no_record_appears_after_an_interrupted_run_returns(tmp_path: Path) -> None:
+    """The race behind a flaky resume: Ray may report a cancelled trial done while its worker still finishes it
+    and writes its record. After retire_run + wait_for_trials, a trial that was running has finished writing (the
+    wait returns only then), and a trial of the retired run that starts later neither runs nor writes."""
+    import threading
+    import time
+
+    from mergelab.experiment.sweep.fence import open_run, retire_run, trial_slot, wait_for_trials
+    from mergelab.experiment.sweep.trial import execute_trial
+
+    (tmp_path / "trials").mkdir()
+    token = open_run(tmp_path)
+    entered, late = threading.Event(), tmp_path / "trials" / "late.json"
+
+    def slow_trial() -> None:  # inside its slot before the interrupt, writes 0.3 s after it
+        with trial_slot(tmp_path, token) as current:
+            assert current
+            entered.set()
+            time.sleep(0.3)
+            late.write_text("{}")
+
+    worker = threading.Thread(target=slow_trial)
+    worker.start()
+    assert entered.wait(5)
+    retire_run(tmp_path)
+    assert not wait_for_trials(tmp_path, 0.05)  # still inside its slot
+    assert wait_for_trials(tmp_path, 10) and late.is_file()  # returned only once the record was written
+    worker.join()
+    # a trial of the retired run that starts now: no pool is loaded (the source does not exist), nothing written
+    payload = {"trial": {"id": "abc", "kind": "trial"}, "source": {"path": str(tmp_path / "missing")},
+               "sweep_dir": str(tmp_path), "run_token": token, "executor": "ray"}
+    assert execute_trial(payload)["status"] == "cancelled"
+    assert sorted(p.name for p in (tmp_path / "trials").iterdir()) == ["late.json"]
+    # the next run's trials are current; a trial called without a token (no sweep run) is not fenced
+    with trial_slot(tmp_path, open_run(tmp_path)) as current, trial_slot(tmp_path, None) as unfenced:
+        assert current and unfenced
+
+
 def test_benchmark_pool_with_adaptive_and_dynamic_methods_on_subsets(tiny_spec, tmp_path: Path) -> None:  # noqa: F811
     """A named benchmark as the pool (experts trained into the cache by the reference trial, then read from it):
     SyMerge runs with the benchmark's reduced steps on each subset, SE-Merging's fast path routes among the

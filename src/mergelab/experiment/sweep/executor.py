@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,8 @@ class InlineExecutor:
         handle, payload = self._queue.popleft()
         return handle, execute_trial(payload)
 
-    def cancel_all(self) -> None:
-        self._queue.clear()
+    def cancel_all(self, settled: Callable[[float], bool] | None = None) -> None:
+        self._queue.clear()  # nothing runs between two next_done calls
 
     def close(self) -> None:
         pass
@@ -120,11 +120,16 @@ class RayExecutor:
             write_record(Path(payload["sweep_dir"]), record)
         return handle, record
 
-    def cancel_all(self) -> None:
+    def cancel_all(self, settled: Callable[[float], bool] | None = None) -> None:
         """Stop what is in flight (a sweep interrupted): a queued trial never starts, a running one gets a
         KeyboardInterrupt (which the trial does not catch), so it writes nothing and runs again on restart. The
-        workers stay up (a killed driver's workers are ended by Ray itself)."""
+        workers stay up (a killed driver's workers are ended by Ray itself).
+
+        ``settled(timeout)`` says whether every trial has really stopped (the sweep's fence): Ray may mark a
+        cancelled task done while its worker is still finishing it. A trial that has not stopped a minute after
+        the interrupt (stuck in native code) has its worker killed (``force=True``)."""
         refs = list(self._refs)
+        self._refs.clear()
         for ref in refs:
             try:
                 self.ray.cancel(ref, force=False)
@@ -132,7 +137,14 @@ class RayExecutor:
                 pass
         if refs:
             self.ray.wait(refs, num_returns=len(refs), timeout=30)
-        self._refs.clear()
+        if settled is None or settled(60.0):
+            return
+        for ref in refs:
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:
+                pass
+        settled(30.0)
 
     def close(self) -> None:
         if self.started:

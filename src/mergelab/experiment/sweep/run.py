@@ -27,6 +27,7 @@ from mergelab.core.atomic import atomic_write_text, check_output_path
 from mergelab.core.errors import InputError
 from mergelab.experiment.sweep.config import SweepConfig, pool_key
 from mergelab.experiment.sweep.executor import make_executor
+from mergelab.experiment.sweep.fence import open_run, retire_run, wait_for_trials
 from mergelab.experiment.sweep.studies import Planner, make_planner, plan_studies
 from mergelab.experiment.sweep.trial import Trial, reference_trial, write_record
 
@@ -120,12 +121,13 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, *, executor: str = "ray",
         (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
         _write_config(cfg, sweep_dir)
         _write_environment(sweep_dir, ex)
+        token = open_run(sweep_dir)
     except BaseException:
         ex.close()
         raise
     res = cfg.resources
     base = {"source": source, "sweep_dir": str(sweep_dir), "plugins": list(cfg.plugins),
-            "threads": max(1, int(res.cpus))}
+            "threads": max(1, int(res.cpus)), "run_token": token}
     run = SweepRun(sweep_dir, planners, {})
     total = 1 + sum(p.total for p in planners)
     console.print(f"[bold]{cfg.name}[/]: {len(planners)} studies, {total} trials ({ex.name}, {ex.slots} CPU slot(s), "
@@ -198,7 +200,10 @@ def run_sweep(cfg: SweepConfig, sweep_dir: str | Path, *, executor: str = "ray",
                 dispatch()
         run.complete = all(p.done for p in planners)
     except BaseException:
-        ex.cancel_all()
+        # interrupted: no trial of this run starts any more, those in flight are cancelled, and we return only
+        # when none of them can still write a record (fence.py: Ray may report a cancelled task done early)
+        retire_run(sweep_dir)
+        ex.cancel_all(settled=lambda timeout: wait_for_trials(sweep_dir, timeout))
         raise
     finally:
         ex.close()

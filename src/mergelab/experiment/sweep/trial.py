@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelab.core.errors import InputError
+from mergelab.experiment.sweep.fence import trial_slot
 
 REFERENCE = "reference"  # the trial kind that evaluates the experts and the pretrained model once
 
@@ -160,10 +161,19 @@ def execute_trial(payload: Mapping[str, Any]) -> dict[str, Any]:
 
     ``payload``: ``trial`` (:meth:`Trial.to_json`), ``source`` (the pool source), ``sweep_dir`` (absolute),
     ``plugins``, ``threads`` (torch threads: the trial's CPUs), ``reference`` (``{split: {task: expert
-    accuracy}}``, for normalised accuracy), ``executor``. Never raises for a failure inside the trial."""
+    accuracy}}``, for normalised accuracy), ``executor``, ``run_token`` (the driver run's token,
+    :mod:`~mergelab.experiment.sweep.fence`: a trial of an interrupted run neither runs nor writes). Never
+    raises for a failure inside the trial."""
+    trial = dict(payload["trial"])
+    with trial_slot(Path(payload["sweep_dir"]), payload.get("run_token")) as current:
+        if not current:  # the run that submitted this trial was interrupted before it started
+            return {**trial, "status": "cancelled", "executor": payload.get("executor", "inline")}
+        return _execute(payload, trial)
+
+
+def _execute(payload: Mapping[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    trial = dict(payload["trial"])
     started = time.time()
     record: dict[str, Any] = {**trial, "status": "running", "host": socket.gethostname(), "pid": os.getpid(),
                               "executor": payload.get("executor", "inline")}
