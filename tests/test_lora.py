@@ -398,6 +398,54 @@ def test_lora_and_full_experts_mix(bert, adapters, tmp_path):
     assert all(torch.equal(planned[k], want_ties[k]) for k in base)
 
 
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {"scaling": 0.5}),
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.2, "scope": "tensor"}),
+    ("dare", {"drop_rate": 0.5, "seed": 3}),
+])
+def test_streamed_adapters_equal_the_dense_reference_without_forming_an_update(bert, adapters, tmp_path, monkeypatch,
+                                                                              method, params):
+    """A base on disk merged with two adapters (one with rank/alpha patterns), an embedding adapter (update
+    (s B A)^T) and a full expert, streamed in slices of 100 values (cut mid-row: rows are 32 or 37 wide): equal
+    to the method on the materialised dense task vectors, and no whole update s B A is ever formed."""
+    from mergelab.methods.streaming import stream_merge
+
+    from .tiny_models import save_tiny_bert
+
+    root, base_dir, base = bert
+    emb = make_adapter(base_dir, tmp_path / "emb", 10, target_modules=["word_embeddings", "query"])
+    full_dir = save_tiny_bert(tmp_path / "full", seed=11, perturb=0.02, base=base_dir)
+    experts = {**adapters, "emb": emb, "full": full_dir}
+    vecs = {t: lora.load_lora(p, base) for t, p in experts.items() if t != "full"}
+    vecs["full"] = load_state_dict(full_dir)
+    want = _dense_reference(method, base, vecs, **params)
+    monkeypatch.setattr(lora.LoraModule, "delta", lambda self: pytest.fail("a whole update s B A was formed"))
+    stream_merge(method, base_dir, experts, tmp_path / "out", chunk=100, threads=2, **params)
+    got = load_state_dict(tmp_path / "out")
+    assert set(got) == set(base)
+    for key in base:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    assert not torch.equal(got["embeddings.word_embeddings.weight"], base["embeddings.word_embeddings.weight"])
+
+
+def test_streamed_gpt2_conv1d_adapter_equals_peft(tmp_path):
+    """fan_in_fan_out (GPT-2's Conv1D, weight [in, out]): the streamed slices of (s B A)^T equal PEFT's merge."""
+    from transformers import GPT2Config, GPT2Model
+
+    from mergelab.methods.streaming import stream_merge
+
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=50)).save_pretrained(
+        str(tmp_path / "gpt2"))
+    ad = make_adapter(tmp_path / "gpt2", tmp_path / "ad", 4, model_cls=GPT2Model, target_modules=["c_attn", "c_fc"],
+                      fan_in_fan_out=True)
+    stream_merge("task_arithmetic", tmp_path / "gpt2", {"ad": ad}, tmp_path / "out", chunk=40, scaling=1.0)
+    got, ref = load_state_dict(tmp_path / "out"), peft_merged(tmp_path / "gpt2", ad, GPT2Model)
+    for k, w in got.items():
+        torch.testing.assert_close(w, ref[k], rtol=0, atol=1e-6, msg=k)
+
+
 # ---------------------------------------------------------------- the CLI and pools
 
 
@@ -414,13 +462,19 @@ def test_cli_merges_adapter_folders_to_a_model_and_to_an_adapter(bert, adapters,
 
     _, base_dir, base = bert
     common = ["--pretrained", base_dir, "--expert", f"a={adapters['a']}", "--expert", f"b={adapters['b']}", "-q"]
-    res = _cli("--method", "ties", *common, "--param", "density=0.3", "--out", tmp_path / "ties")
+    res = _cli("--method", "ties", *common, "--param", "density=0.3", "--in-memory", "--out", tmp_path / "ties")
     assert res.exit_code == 0, res.output
     vecs = {t: lora.load_lora(p, base) for t, p in adapters.items()}
     want = mergelab.merge("ties", base, vecs, density=0.3)
     got = load_state_dict(tmp_path / "ties")
     assert all(torch.equal(got[k], want[k]) for k in base)
     assert (tmp_path / "ties" / "config.json").is_file()
+    # the default streams (safetensors base): s B A formed by row slices, so equal up to float rounding
+    res = _cli("--method", "ties", *common, "--param", "density=0.3", "--out", tmp_path / "ties_s")
+    assert res.exit_code == 0 and "streamed 2 experts (2 LoRA)" in res.output, res.output
+    streamed = load_state_dict(tmp_path / "ties_s")
+    for key in base:
+        torch.testing.assert_close(streamed[key], want[key], rtol=0, atol=1e-6, msg=key)
 
     res = _cli("--method", "task_arithmetic", *common, "--param", "scaling=0.5", "--output-format", "adapter",
                "--out", tmp_path / "ta_ad")
@@ -447,8 +501,8 @@ def test_cli_refuses_what_is_not_exact_with_exit_2(bert, adapters, tmp_path):
     assert res.exit_code == 2 and "--svd-tol" in res.output and "[0, 1)" in res.output
     res = _cli("--method", "ties", *common, "--svd-tol", "0.1", "--out", tmp_path / "o1")
     assert res.exit_code == 2 and "--svd-tol" in res.output and "--output-format adapter" in res.output
-    res = _cli("--method", "task_arithmetic", *common, "--stream", "--out", tmp_path / "o2")
-    assert res.exit_code == 2 and "--stream" in res.output
+    res = _cli("--method", "task_arithmetic", *common, "--stream", "--output-format", "adapter", "--out", tmp_path / "o2")
+    assert res.exit_code == 2 and "--stream" in res.output and "--output-format adapter" in res.output
     bad = _edited(adapters["a"], tmp_path / "dora", use_dora=True)
     res = _cli("--method", "task_arithmetic", "--pretrained", base_dir, "--expert", f"d={bad}", "--out", tmp_path / "o3")
     assert res.exit_code == 2 and "expert 'd'" in res.output and "'use_dora'" in res.output

@@ -442,6 +442,63 @@ def test_in_memory_merge_needs_the_inputs_plus_one_model(tmp_path):
     assert growth < 64 * mb + 48 * mb, f"in-memory merge grew RSS by {growth / mb:.0f} MB (one model is 64 MB)"
 
 
+def test_streamed_lora_merge_of_a_base_larger_than_the_limit_stays_under_it(tmp_path):
+    """A 128 MB base (8 weights of 2048 x 2048, float32, 2 shards) and two rank-8 adapters on every weight, TIES
+    global on two worker threads: the merge's RSS growth stays under 64 MB (the base, one expert body or one whole
+    update s B A per weight and adapter would each exceed it), and a weight equals W0 + the method on s B A."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    mb, n, r = 1 << 20, 2048, 8
+    g = torch.Generator().manual_seed(0)
+    pre = {f"layer{i}.weight": torch.randn(n, n, generator=g) for i in range(8)}
+    base = save_sharded(pre, tmp_path / "pre", n_shards=2)
+    adapters = {}
+    for name in ("a", "b"):
+        factors = {}
+        for key in pre:
+            module = key[: -len(".weight")]
+            factors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, n, generator=g) / n ** 0.5
+            factors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(n, r, generator=g) * 0.01
+        (tmp_path / name).mkdir()
+        save_file(factors, str(tmp_path / name / "adapter_model.safetensors"))
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": [k[:-7] for k in pre]}))
+        adapters[name] = str(tmp_path / name)
+    del pre
+    script = textwrap.dedent(f"""
+        import torch
+        from mergelab.methods.streaming import stream_merge
+        def status(field):
+            return 1024 * next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+        torch.empty(1).add_(1)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = status("VmRSS:")
+        stream_merge("ties", {str(base)!r}, {adapters!r}, {str(tmp_path / "out")!r}, density=0.2, shard_size="40MB",
+                     threads=2)
+        print(status("VmHWM:") - before)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    growth = int(proc.stdout.strip().splitlines()[-1])
+    print(f"RSS growth {growth / mb:.1f} MB")
+    assert growth < 64 * mb, f"streamed LoRA merge grew RSS by {growth / mb:.0f} MB (limit 64 MB)"
+    # against the in-memory LoRA merge (each weight's whole update s B A materialised, TIES global over all 8)
+    from mergelab.core.io import load_state_dict
+    from mergelab.core.lora import load_lora
+    from mergelab.methods import lora
+
+    w0 = load_state_dict(base)
+    want = lora.merge("ties", w0, {t: load_lora(p, w0) for t, p in adapters.items()}, density=0.2)
+    got = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        got.update(load_file(str(f)))
+    for key in ("layer0.weight", "layer7.weight"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streamed_merge_of_a_model_larger_than_the_limit_stays_under_it(tmp_path, dtype):
     """Three 128 MB models (T = 2) merged on two worker threads with a 64 MB limit on the merge's RSS growth, measured in a child

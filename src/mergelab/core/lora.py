@@ -107,6 +107,13 @@ class LoraModule:
         d = (self.B @ self.A) * self.scaling
         return d.T.contiguous() if self.transposed else d
 
+    def delta_rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of :meth:`delta` (the base weight's layout), formed from those rows' factors only:
+        a streamed merge's slice of the update (:class:`mergelab.methods.streaming.adapters.AdapterSource`)."""
+        if self.transposed:  # delta = s (B A)^T: its rows are columns of B A
+            return (self.A[:, start:stop].T @ self.B.T) * self.scaling
+        return (self.B[start:stop] @ self.A) * self.scaling
+
     @property
     def transposed(self) -> bool:
         """The base weight is [in, out]: a Conv1D (``fan_in_fan_out``) or an embedding [num_embeddings, dim]."""
@@ -225,7 +232,8 @@ def _key_rule(names: list[str], base: Mapping[str, Tensor]) -> tuple[str, str] |
 
 
 def load_lora(path: str | os.PathLike[str], base: Mapping[str, Tensor]) -> LoraTaskVector:
-    """Read the PEFT LoRA adapter folder ``path`` as a factored task vector over the state dict ``base``.
+    """Read the PEFT LoRA adapter folder ``path`` as a factored task vector over the state dict ``base`` (or any
+    mapping of its keys to something with a ``shape``: a streamed merge passes the safetensors header).
 
     Everything is checked before any update is formed: the config's fields (see the module's docstring),
     every tensor name, each module's presence in ``base``, the shapes of A and B against the base weight
@@ -283,7 +291,7 @@ def load_lora(path: str | os.PathLike[str], base: Mapping[str, Tensor]) -> LoraT
             raise InputError(f"{where}: module {name!r} has both lora_A/B and lora_embedding_A/B factors")
         want = (B.shape[0], A.shape[1])
         got = tuple(W.shape)
-        if W.ndim != 2 or (got[::-1] if fan or emb else got) != want:
+        if len(got) != 2 or (got[::-1] if fan or emb else got) != want:
             layout = ("[num_embeddings, dim] (embedding)" if emb else
                       "[in, out] (fan_in_fan_out)" if fan else "[out, in]")
             raise IncompatibleModelsError(

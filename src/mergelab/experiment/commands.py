@@ -33,7 +33,8 @@ def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params
     ``stream``: None streams whenever every input is safetensors and the method has a per-tensor form, else
     merges in memory and calls ``note(why)``; True streams (an input it cannot read is an error naming the
     file); False loads whole models. An expert may be a PEFT LoRA adapter folder (``adapter_config.json``):
-    merged exactly by :mod:`mergelab.methods.lora`, in memory one weight at a time. ``output_format``:
+    streamed like the others (its update formed slice by slice from its factors), or merged in memory by
+    :mod:`mergelab.methods.lora` (exact factored sums for Task Arithmetic and averaging). ``output_format``:
     ``"model"`` (a Hugging Face folder) or ``"adapter"`` (a PEFT adapter folder, adapters only: exact for Task
     Arithmetic and averaging, which stay low-rank; for TIES and DARE each merged update's truncated SVD at
     relative error ``svd_tol`` (default :data:`mergelab.methods.lora.DEFAULT_SVD_TOL`), reported in the summary
@@ -59,17 +60,18 @@ def merge_flags(method: str, pretrained: str, experts: Mapping[str, str], params
         if full:
             raise InputError(f"--output-format adapter: expert(s) {full} are not LoRA adapter folders (a full expert's "
                              "update covers every weight, biases and norms included); use --output-format model")
-    if adapters and stream:
-        raise InputError(f"--stream: expert(s) {adapters} are LoRA adapter folders; LoRA merges run in memory one "
-                         "weight at a time already (drop --stream)")
+    if output_format == "adapter" and stream:
+        raise InputError("--stream writes a full model; an adapter output (--output-format adapter) is built from "
+                         "the adapters' factors in memory (drop --stream)")
     t0 = time.perf_counter()
-    if stream is not False and not adapters:
+    if stream is not False and output_format == "model":
         from mergelab.methods.streaming import stream_merge, streamable
 
         why_not = f"method {method!r} has no per-tensor form" if info.stream is None else streamable(pretrained, experts)
         if why_not is None or stream:  # --stream with an input it cannot read: its error names the file
             stream_merge(method, pretrained, dict(experts), out, shard_size=shard_size, progress=progress, **params)
-            return (f"streamed {len(experts)} experts with [bold]{method}[/] {dict(params) or ''} in "
+            return (f"streamed {len(experts)} experts{f' ({len(adapters)} LoRA)' if adapters else ''} with "
+                    f"[bold]{method}[/] {dict(params) or ''} in "
                     f"{time.perf_counter() - t0:.1f}s -> {out}")
         if note is not None:
             note(why_not)

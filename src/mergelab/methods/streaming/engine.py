@@ -68,6 +68,10 @@ class Source(Protocol):
     def file_of(self, key: str) -> Any: ...
 
 
+# A source may also give its task vector directly: ``delta(key, start, count, out)`` writes the float32 slice
+# e - p into ``out`` and returns it (a LoRA adapter's s B A, formed from its factors: no rounding through p + tau).
+
+
 class StateDictSource:
     """Slices of in-memory tensors: views, no copies."""
 
@@ -180,12 +184,17 @@ class SliceMerger:
         p = self.pre.read(key, start, count, b["raw"][0])
         return p, (p if p.dtype == torch.float32 else b["p32"][:count].copy_(p))
 
+    def _tau(self, i: int, key: str, start: int, count: int, p32: Tensor, b: dict, out: Tensor) -> Tensor:
+        """Task ``i``'s task vector on one slice, in ``out``."""
+        src = self.experts[self.tasks[i]]
+        delta = getattr(src, "delta", None)
+        if delta is not None:
+            return delta(key, start, count, out)
+        return torch.sub(src.read(key, start, count, b["raw"][i + 1]), p32, out=out)
+
     def _taus(self, key: str, start: int, count: int, p32: Tensor, b: dict, upto: int | None) -> list[Tensor]:
         """The task vectors of one slice after the steps before index ``upto`` (all steps: None)."""
-        taus = []
-        for i, t in enumerate(self.tasks):
-            e = self.experts[t].read(key, start, count, b["raw"][i + 1])
-            taus.append(torch.sub(e, p32, out=b["tau"][i][:count]))
+        taus = [self._tau(i, key, start, count, p32, b, b["tau"][i][:count]) for i in range(len(self.tasks))]
         ctx = SliceContext(key, start, self.tasks, self._thresholds, self._lambdas)
         for step in self.steps[:upto]:
             taus = step(taus, ctx)
@@ -273,9 +282,8 @@ class SliceMerger:
         acc = p32.clone()
         if not self.steps:
             tau = b["tau"][0][:count]
-            for i, (t, lam) in enumerate(zip(self.tasks, self.coefficients)):
-                e = self.experts[t].read(key, start, count, b["raw"][i + 1])
-                kernels.accumulate(acc, lam, torch.sub(e, p32, out=tau))
+            for i, lam in enumerate(self.coefficients):
+                kernels.accumulate(acc, lam, self._tau(i, key, start, count, p32, b, tau))
         else:
             taus = self._taus(key, start, count, p32, b, 0)
             self._combine(acc, taus, SliceContext(key, start, self.tasks, self._thresholds, self._lambdas), 0)

@@ -32,8 +32,10 @@ from mergelab.core.atomic import check_output_path
 from mergelab.core.checkpoint import copy_sidecars, write_model_dir
 from mergelab.core.errors import InputError
 from mergelab.core.io import resolve_model_path
+from mergelab.core.lora import is_adapter_dir
 from mergelab.core.statedict import check_compatible
 from mergelab.methods.registry import merge_label, slice_form
+from mergelab.methods.streaming.adapters import AdapterSource
 from mergelab.methods.streaming.engine import SliceMerger
 from mergelab.methods.streaming.files import SafetensorsModel, ShardedWriter, TensorInfo, parse_size
 
@@ -48,10 +50,15 @@ class StreamInputs:
             raise InputError("no experts given: merging needs at least one expert model")
         self.pre_path = resolve_model_path(pretrained)
         self.pre = SafetensorsModel(self.pre_path, "pretrained")
-        self.experts = {t: SafetensorsModel(resolve_model_path(p), f"expert {t!r}") for t, p in experts.items()}
+        self.experts: dict[str, SafetensorsModel | AdapterSource] = {}
         self.tasks = list(experts)
         try:
-            check_compatible(self.pre, self.experts, check_finite=False)
+            for t, p in experts.items():  # a LoRA adapter folder is read as factors over the base (adapters.py)
+                self.experts[t] = (AdapterSource(p, self.pre, f"expert {t!r}") if is_adapter_dir(p) else
+                                   SafetensorsModel(resolve_model_path(p), f"expert {t!r}"))
+            full = {t: m for t, m in self.experts.items() if isinstance(m, SafetensorsModel)}
+            if full:
+                check_compatible(self.pre, full, check_finite=False)
         except BaseException:
             self.close()
             raise
@@ -59,14 +66,16 @@ class StreamInputs:
     def close(self) -> None:
         self.pre.close()
         for m in self.experts.values():
-            m.close()
+            if isinstance(m, SafetensorsModel):
+                m.close()
 
 
 def streamable(pretrained: str | os.PathLike[str], experts: Mapping[str, str | os.PathLike[str]]) -> str | None:
     """None if every model can be streamed (safetensors, sharded or not), else why not (naming the model)."""
     from mergelab.core.checkpoint import locate_weights
 
-    for owner, spec in [("pretrained", pretrained), *((f"expert {t!r}", p) for t, p in experts.items())]:
+    models = [("pretrained", pretrained), *((f"expert {t!r}", p) for t, p in experts.items() if not is_adapter_dir(p))]
+    for owner, spec in models:
         try:
             weights = locate_weights(resolve_model_path(spec))
         except InputError:
@@ -91,6 +100,10 @@ def stream_merge(
     **params: Any,
 ) -> Path:
     """Merge safetensors models slice by slice into a (sharded) Hugging Face directory at ``out``.
+
+    An expert may be a PEFT LoRA adapter folder over ``pretrained``: its task vector s B A is formed slice by slice
+    from its factors (:mod:`mergelab.methods.streaming.adapters`); equal to the in-memory LoRA merge up to float
+    rounding (the factored Task Arithmetic there sums in another order).
 
     Same methods, parameters and result (``torch.equal``) as :func:`mergelab.merge`; memory is a few
     slices of ``chunk`` elements per model and worker thread (``threads``, default: torch's thread

@@ -1,0 +1,100 @@
+"""Peak memory of `mergelab merge` with LoRA adapters: streamed (the default) against in memory (issue 16).
+
+    .venv/bin/python benchmarks/lora_stream_memory.py --out runs/lora_stream_memory.json
+
+A base of ``--weights`` float32 weights of ``--dim`` x ``--dim`` (random, made here, 2 shards) and two adapters of
+rank ``--rank`` on every weight; each merge runs in its own process through the CLI's merge function
+(``merge_flags``), which reports the growth of its peak RSS over the RSS after the imports (``/proc/self/clear_refs``
+resets the peak) and the seconds. Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+
+def make_inputs(root: Path, weights: int, dim: int, rank: int) -> tuple[str, dict[str, str]]:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    pre = {f"layer{i}.weight": torch.randn(dim, dim, generator=g) for i in range(weights)}
+    keys = list(pre)
+    (root / "pre").mkdir()
+    half = len(keys) // 2 or 1
+    shards = [keys[:half], keys[half:]] if len(keys) > 1 else [keys]
+    index = {}
+    for i, part in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: pre[k] for k in part}, str(root / "pre" / name))
+        index.update({k: name for k in part})
+    (root / "pre" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    adapters = {}
+    for name in ("a", "b"):
+        factors = {}
+        for key in keys:
+            module = key[: -len(".weight")]
+            factors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, dim, generator=g) / dim ** 0.5
+            factors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(dim, rank, generator=g) * 0.01
+        (root / name).mkdir()
+        save_file(factors, str(root / name / "adapter_model.safetensors"))
+        (root / name / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": [k[:-7] for k in keys]}))
+        adapters[name] = str(root / name)
+    return str(root / "pre"), adapters
+
+
+def measure(base: str, adapters: dict[str, str], method: str, params: dict, stream: bool, out: Path) -> dict:
+    script = textwrap.dedent(f"""
+        import json, time, torch
+        from pathlib import Path
+        from mergelab.experiment.commands import merge_flags
+        def status(field):
+            return 1024 * next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+        torch.empty(1).add_(1)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = status("VmRSS:")
+        t = time.perf_counter()
+        merge_flags({method!r}, {base!r}, {adapters!r}, {params!r}, Path({str(out)!r}), stream={stream}, progress=False)
+        print(json.dumps({{"rss_growth_mb": (status("VmHWM:") - before) / 2**20, "seconds": time.perf_counter() - t}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--out", default="runs/lora_stream_memory.json")
+    args = ap.parse_args(argv)
+    from mergelab.core.io import atomic_write_text
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base, adapters = make_inputs(root, args.weights, args.dim, args.rank)
+        for method, params in (("task_arithmetic", {}), ("ties", {"density": 0.2})):
+            for stream in (True, False):
+                got = measure(base, adapters, method, params, stream, root / f"out-{method}-{stream}")
+                rows.append({"method": method, "path": "streamed" if stream else "in memory", **got})
+                print(f"{method:16s} {rows[-1]['path']:10s} RSS growth {got['rss_growth_mb']:7.1f} MB  "
+                      f"{got['seconds']:.2f} s", flush=True)
+    result = {"base_mb": args.weights * args.dim * args.dim * 4 / 2**20, "rank": args.rank, "adapters": 2,
+              "rows": rows}
+    atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
