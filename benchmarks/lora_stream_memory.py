@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 
@@ -35,37 +34,47 @@ def make_inputs(root: Path, weights: int, dim: int, rank: int) -> tuple[str, dic
         save_file({k: pre[k] for k in part}, str(root / "pre" / name))
         index.update({k: name for k in part})
     (root / "pre" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    adapters = {}
-    for name in ("a", "b"):
-        factors = {}
-        for key in keys:
-            module = key[: -len(".weight")]
-            factors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, dim, generator=g) / dim ** 0.5
-            factors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(dim, rank, generator=g) * 0.01
-        (root / name).mkdir()
-        save_file(factors, str(root / name / "adapter_model.safetensors"))
-        (root / name / "adapter_config.json").write_text(json.dumps(
-            {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": [k[:-7] for k in keys]}))
-        adapters[name] = str(root / name)
+    from mergelab.core.lora import LoraModule
+    from mergelab.methods.lora import save_adapter
+
+    adapters = {name: str(save_adapter({k: LoraModule(k, k[:-7], torch.randn(dim, rank, generator=g) * 0.01,
+                                                      torch.randn(rank, dim, generator=g) / dim ** 0.5, 1.0)
+                                        for k in keys}, root / name)) for name in ("a", "b")}
     return str(root / "pre"), adapters
 
 
+def _peak_rss_growth(fn) -> tuple[float, float]:
+    """(peak RSS growth in MB while ``fn`` runs, seconds): the peak is reset to the current RSS first."""
+    import time
+
+    def field(name: str) -> int:
+        with open("/proc/self/status") as fh:
+            return 1024 * next(int(line.split()[1]) for line in fh if line.startswith(name))
+
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # VmHWM := VmRSS
+    start_rss, t0 = field("VmRSS:"), time.perf_counter()
+    fn()
+    return (field("VmHWM:") - start_rss) / 2**20, time.perf_counter() - t0
+
+
+def _child(spec: str) -> None:
+    """One merge in this (fresh) process; prints its measurement as JSON."""
+    import torch
+
+    from mergelab.experiment.commands import merge_flags
+
+    job = json.loads(spec)
+    torch.empty(1).add_(1)  # torch's arenas before the baseline
+    growth, seconds = _peak_rss_growth(lambda: merge_flags(job["method"], job["base"], job["adapters"], job["params"],
+                                                           Path(job["out"]), stream=job["stream"], progress=False))
+    print(json.dumps({"rss_growth_mb": growth, "seconds": seconds}))
+
+
 def measure(base: str, adapters: dict[str, str], method: str, params: dict, stream: bool, out: Path) -> dict:
-    script = textwrap.dedent(f"""
-        import json, time, torch
-        from pathlib import Path
-        from mergelab.experiment.commands import merge_flags
-        def status(field):
-            return 1024 * next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
-        torch.empty(1).add_(1)
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        before = status("VmRSS:")
-        t = time.perf_counter()
-        merge_flags({method!r}, {base!r}, {adapters!r}, {params!r}, Path({str(out)!r}), stream={stream}, progress=False)
-        print(json.dumps({{"rss_growth_mb": (status("VmHWM:") - before) / 2**20, "seconds": time.perf_counter() - t}}))
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    spec = json.dumps({"method": method, "base": base, "adapters": adapters, "params": params, "stream": stream,
+                       "out": str(out)})
+    proc = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -77,7 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--out", default="runs/lora_stream_memory.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        _child(args.child)
+        return {}
     from mergelab.core.io import atomic_write_text
 
     rows = []

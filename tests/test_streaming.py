@@ -446,26 +446,18 @@ def test_streamed_lora_merge_of_a_base_larger_than_the_limit_stays_under_it(tmp_
     """A 128 MB base (8 weights of 2048 x 2048, float32, 2 shards) and two rank-8 adapters on every weight, TIES
     global on two worker threads: the merge's RSS growth stays under 64 MB (the base, one expert body or one whole
     update s B A per weight and adapter would each exceed it), and a weight equals W0 + the method on s B A."""
-    import json
+    from safetensors.torch import load_file
 
-    from safetensors.torch import load_file, save_file
+    from mergelab.core.lora import LoraModule
+    from mergelab.methods.lora import save_adapter
 
     mb, n, r = 1 << 20, 2048, 8
     g = torch.Generator().manual_seed(0)
     pre = {f"layer{i}.weight": torch.randn(n, n, generator=g) for i in range(8)}
     base = save_sharded(pre, tmp_path / "pre", n_shards=2)
-    adapters = {}
-    for name in ("a", "b"):
-        factors = {}
-        for key in pre:
-            module = key[: -len(".weight")]
-            factors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, n, generator=g) / n ** 0.5
-            factors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(n, r, generator=g) * 0.01
-        (tmp_path / name).mkdir()
-        save_file(factors, str(tmp_path / name / "adapter_model.safetensors"))
-        (tmp_path / name / "adapter_config.json").write_text(json.dumps(
-            {"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": [k[:-7] for k in pre]}))
-        adapters[name] = str(tmp_path / name)
+    adapters = {name: str(save_adapter({k: LoraModule(k, k[:-7], torch.randn(n, r, generator=g) * 0.01,
+                                                      torch.randn(r, n, generator=g) / n ** 0.5, 1.0) for k in pre},
+                                       tmp_path / name)) for name in ("a", "b")}
     del pre
     script = textwrap.dedent(f"""
         import torch
