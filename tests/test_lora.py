@@ -581,7 +581,7 @@ def test_adapters_of_body_and_task_model_merge_into_one_adapter_named_like_the_f
         torch.testing.assert_close(got[key], full[key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_merge_config_pool_with_an_adapter_expert(bert, adapters, tmp_path):
+def test_merge_config_pool_with_an_adapter_expert(bert, adapters, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from mergelab.cli import app
@@ -594,6 +594,10 @@ def test_merge_config_pool_with_an_adapter_expert(bert, adapters, tmp_path):
     cfg.write_text(f"pool:\n  pretrained: {base_dir}\n  experts: {{lo: {adapters['a']}, full: {full_dir}}}\n"
                    f"methods:\n  - name: task_arithmetic\n    params: {{scaling: 0.5}}\n"
                    f"outputs:\n  run_dir: {tmp_path / 'run'}\n  report: false\n")
+    # the adapter stays factored (no expert body W0 + s B A is formed) and its statistics use s B A
+    from mergelab.core import lora as core_lora
+
+    monkeypatch.setattr(core_lora, "merged_state_dict", lambda *a, **k: pytest.fail("an adapter was materialised"))
     res = CliRunner().invoke(app, ["merge", "--config", str(cfg), "-q"])
     assert res.exit_code == 0, res.output
     saved = load_state_dict(tmp_path / "run" / "models" / "task_arithmetic_scaling=0.5")
@@ -601,6 +605,12 @@ def test_merge_config_pool_with_an_adapter_expert(bert, adapters, tmp_path):
     tau = _peft_taus(bert, {"lo": adapters["a"]})["lo"]
     for key, w0 in base.items():
         torch.testing.assert_close(saved[key], w0 + 0.5 * tau[key] + 0.5 * (full[key] - w0), rtol=0, atol=2e-6, msg=key)
+    stats = json.loads((tmp_path / "run" / "results.json").read_text())["merges"]["task_arithmetic_scaling=0.5"]
+    taus = {"lo": tau, "full": {k: full[k] - w0 for k, w0 in base.items()}}
+    delta = {k: saved[k] - w0 for k, w0 in base.items() if w0.is_floating_point()}
+    for t, tv in taus.items():  # <delta, tau_t> / ||tau_t||^2, written out over the dense task vectors
+        dot = sum(float((delta[k] * tv[k]).sum()) for k in delta)
+        assert stats["coefficient"][t] == pytest.approx(dot / sum(float((tv[k] ** 2).sum()) for k in delta), rel=1e-4)
 
 
 @pytest.mark.parametrize("method,params", [("ties", {"density": 0.01}), ("dare", {"drop_rate": 0.5})])

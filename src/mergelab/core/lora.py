@@ -147,6 +147,13 @@ class LoraTaskVector(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self.modules)
 
+    def to(self, device: str | torch.device) -> LoraTaskVector:
+        """The same adapter with its factors on ``device``."""
+        from dataclasses import replace  # noqa: PLC0415
+
+        return LoraTaskVector({k: replace(m, A=m.A.to(device), B=m.B.to(device)) for k, m in self.modules.items()},
+                              self.source, self.config)
+
     def dense(self) -> dict[str, Tensor]:
         """Every adapted key's dense update at once (tests and small models)."""
         return {k: m.delta() for k, m in self.modules.items()}

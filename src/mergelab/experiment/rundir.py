@@ -176,12 +176,15 @@ def logged_run(run_dir: Path, quiet: bool, body, *, created: bool = False):
 def task_vector_stats(pretrained: Mapping, merged: Mapping, experts: Mapping[str, Mapping]) -> dict[str, Any]:
     """How much of each task vector a merge holds.
 
-    With delta = theta_merged - theta_0 and tau_t = theta_t - theta_0, over the floating tensors:
+    With delta = theta_merged - theta_0 and tau_t = theta_t - theta_0 (s B A for a LoRA expert, one weight at a
+    time), over the floating tensors:
     ``coefficient[t] = <delta, tau_t> / ||tau_t||^2`` (the least-squares weight of tau_t in delta; Task
     Arithmetic with orthogonal task vectors gives exactly its lambda_t), ``cosine[t] = <delta, tau_t> /
     (||delta|| ||tau_t||)`` and ``delta_norm = ||delta||``.
     """
     import torch
+
+    from mergelab.core.lora import LoraTaskVector
 
     dots = dict.fromkeys(experts, 0.0)
     tau_sq = dict.fromkeys(experts, 0.0)
@@ -193,7 +196,12 @@ def task_vector_stats(pretrained: Mapping, merged: Mapping, experts: Mapping[str
         delta = merged[key].float().to(base.device) - base
         delta_sq += float((delta * delta).sum())
         for t, sd in experts.items():
-            tau = sd[key].float().to(base.device) - base
+            if isinstance(sd, LoraTaskVector):  # its task vector s B A, zero off the adapted weights
+                if key not in sd:
+                    continue
+                tau = sd[key].to(base.device)
+            else:
+                tau = sd[key].float().to(base.device) - base
             dots[t] += float((delta * tau).sum())
             tau_sq[t] += float((tau * tau).sum())
     dn = delta_sq ** 0.5
@@ -212,6 +220,7 @@ def run_merges(cfg: RunConfig, run_dir: str | Path, *, console, progress: bool =
 
     from mergelab import methods
     from mergelab.core import io
+    from mergelab.core.lora import LoraTaskVector
     from mergelab.pools.pool import load_state_dicts
 
     assert cfg.pool is not None
@@ -222,10 +231,11 @@ def run_merges(cfg: RunConfig, run_dir: str | Path, *, console, progress: bool =
     points = sweep(cfg)
     console.print(f"[bold]{name}[/]: {len(points)} merge(s) of {len(cfg.pool.experts)} experts "
                   f"({', '.join(cfg.pool.experts)}) on {device}", highlight=False)
-    pre, experts = load_state_dicts(cfg.pool)
+    pre, experts = load_state_dicts(cfg.pool, factored=True)  # an adapter stays factored: no expert body held
     if device != "cpu":
         pre = {k: v.to(device) for k, v in pre.items()}
-        experts = {t: {k: v.to(device) for k, v in sd.items()} for t, sd in experts.items()}
+        experts = {t: sd.to(device) if isinstance(sd, LoraTaskVector) else {k: v.to(device) for k, v in sd.items()}
+                   for t, sd in experts.items()}
     pre_path = io.resolve_model_path(cfg.pool.pretrained)
     merges: dict[str, Any] = {}
     norms: dict[str, float] = {}

@@ -134,16 +134,21 @@ def _adapter_expert(spec: str, pretrained: dict[str, Tensor]) -> dict[str, Tenso
     return lora.merged_state_dict(pretrained, lora.load_lora(spec, pretrained))
 
 
-def load_state_dicts(pool: PoolConfig) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+def load_state_dicts(pool: PoolConfig, *, factored: bool = False
+                     ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor] | lora.LoraTaskVector]]:
     """The pretrained state dict and each expert's, in the pool's task order.
 
-    An expert may be a PEFT LoRA adapter folder over the pretrained model: it is materialised as
-    W0 + s B A (``mergelab merge --expert NAME=ADAPTER`` keeps it factored instead; docs/lora.md)."""
+    An expert may be a PEFT LoRA adapter folder over the pretrained model: it is materialised as W0 + s B A, or,
+    with ``factored``, kept as its :class:`~mergelab.core.lora.LoraTaskVector` (what the static methods merge
+    exactly, without holding the expert's body; docs/lora.md)."""
     pre = io.load_state_dict(pool.pretrained)
-    experts = {}
+    experts: dict[str, dict[str, Tensor] | lora.LoraTaskVector] = {}
     for name, spec in pool.experts.items():
         try:
-            experts[name] = _adapter_expert(spec, pre) if lora.is_adapter_dir(spec) else io.load_state_dict(spec)
+            if lora.is_adapter_dir(spec):
+                experts[name] = lora.load_lora(spec, pre) if factored else _adapter_expert(spec, pre)
+            else:
+                experts[name] = io.load_state_dict(spec)
         except InputError as exc:
             raise InputError(f"pool.experts.{name}: {exc}") from exc
     return pre, experts
