@@ -138,6 +138,19 @@ def test_unseen_study_on_tiny_pool(ctx) -> None:
         pred = ctx.heads[t](se.mixed_features(batch, c)).argmax(-1)
         acc = float((pred == torch.tensor(s["test"].labels)).float().mean())
         assert study["accuracy"]["se+fallback(distance)"]["per_task"][t] == pytest.approx(acc)
+    # the keep curve: its own keep's point is the study's; keeping every validation input flags none of them
+    curve = study["keep_curve"]
+    assert set(curve) == {"0.8", "0.9", "0.95", "0.98", "1"}
+    for s in ("entropy", "distance", "spread"):
+        assert curve["0.8"][s]["threshold"] == study["thresholds"][s]
+        assert curve["0.8"][s]["accuracy"] == pytest.approx(study["accuracy"][f"se+fallback({s})"]["average"])
+        assert curve["0.8"][s]["flagged"]["in_pool_test"] == pytest.approx(study["flagged_share"][s]["in_pool_test"])
+        assert [curve[k][s]["threshold"] for k in ("0.8", "0.9", "0.95", "0.98", "1")] == sorted(
+            curve[k][s]["threshold"] for k in ("0.8", "0.9", "0.95", "0.98", "1"))  # more kept, higher threshold
+    # at keep 1 the threshold is the largest validation score: recomputed here from the validation inputs
+    val_scores = torch.cat([input_scores(se, ctx.family.tokenize(s["validation"].texts[5:15]))["distance"]
+                            for s in ctx.splits.values()])
+    assert curve["1"]["distance"]["threshold"] == pytest.approx(float(val_scores.max()), rel=1e-5)
     h = study["handling"]["far"]
     routed = RouterConfig(layer=1).gain * 0.3  # the router's total: gain x the mean base coefficient
     assert h["mean_coefficient_mass"] == pytest.approx(routed, rel=1e-5)
@@ -154,7 +167,7 @@ def test_run_analysis_unseen_writes_table_json_png(ctx, tmp_path: Path) -> None:
     study = json.loads(files["json"].read_text())
     assert study["kinds"] == ["far", "near"]
     table = files["table"].read_text()
-    assert "AUROC far" in table and "| distance |" in table
+    assert "AUROC far" in table and "| distance |" in table and "| distance | 98% |" in table
     assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and files["png"].stat().st_size > 5000
 
 

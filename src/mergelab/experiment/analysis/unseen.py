@@ -36,6 +36,8 @@ from mergelab.methods.dynamic import RouterConfig, SEMerging
 from mergelab.methods.dynamic import router as R
 
 SCORES = ("entropy", "distance", "spread")
+# the fallback's share of in-pool validation inputs kept on the dynamic path, tabled in every run (its own --keep too)
+KEEP_CURVE = (0.8, 0.9, 0.95, 0.98, 1.0)
 
 
 def auroc(positives: Sequence[float] | Tensor, negatives: Sequence[float] | Tensor) -> float:
@@ -191,6 +193,20 @@ def unseen_study(ctx, unseen: Mapping[str, Sequence[str]], *, config: RouterConf
         acc[f"se+fallback({sc})"] = accuracy(
             lambda s, sc=sc: torch.where((s[sc] > thresholds[sc])[:, None], s["static"], s["dynamic"]))
 
+    # the same for other shares kept: the scores and both sets of features are already computed, so every
+    # point of the curve is a selection (flagged -> static features), no forward pass
+    curve = {}
+    for k in sorted({*KEEP_CURVE, keep}):
+        point = {}
+        for sc in SCORES:
+            thr = fit_threshold(pooled(val_s, sc), k)
+            point[sc] = {"threshold": thr,
+                         "flagged": {"in_pool_test": _mean(in_test[sc] > thr),
+                                     **{kind: _mean(o[sc] > thr) for kind, o in out_s.items()}},
+                         "accuracy": accuracy(lambda s, sc=sc, thr=thr: torch.where(
+                             (s[sc] > thr)[:, None], s["static"], s["dynamic"]))["average"]}
+        curve[f"{k:g}"] = point
+
     base = se.base.cpu()
     handling = {}
     for kind, group in {**{k: o for k, o in out_s.items()}, "in_pool_test": {
@@ -211,7 +227,7 @@ def unseen_study(ctx, unseen: Mapping[str, Sequence[str]], *, config: RouterConf
         "n_calib": n_calib, "n_validation": {t: len(v) for t, v in val.items()},
         "n_test": {t: len(d) for t, d in test.items()}, "n_unseen": {k: len(v) for k, v in unseen.items()},
         "seed": seed, "auroc": aurocs, "thresholds": thresholds, "flagged_share": flagged_share,
-        "accuracy": acc, "handling": handling,
+        "accuracy": acc, "handling": handling, "keep_curve": curve,
         "scores": {"in_pool_test": {s: in_test[s].tolist() for s in SCORES},
                    **{k: {s: o[s].tolist() for s in SCORES} for k, o in out_s.items()}},
     }
@@ -240,6 +256,18 @@ def unseen_table(study: Mapping) -> str:
         lines.append(f"| {kind} | {100 * h['flagged_share']:.1f}% | {h['mean_top_coefficient']:.3f} | "
                      f"{h['mean_top_coefficient_with_fallback']:.3f} | {h['mean_coefficient_mass']:.3f} | "
                      f"{h['mean_coefficient_mass_with_fallback']:.3f} | {top} ({100 * h['routed_to'][top]:.0f}%) |")
+    curve = study.get("keep_curve")
+    if curve:
+        lines += ["", "The fallback at other shares kept (in-pool validation inputs left on the dynamic path): "
+                  "in-pool test accuracy with the fallback, and the share flagged of each kind.", "",
+                  "| score | kept | in-pool accuracy | flagged in-pool test | " + " | ".join(f"flagged {k}" for k in kinds)
+                  + " |", "|---|---:|---:|---:|" + "---:|" * len(kinds)]
+        for sc in SCORES:
+            for k, point in curve.items():
+                p = point[sc]
+                lines.append(f"| {sc} | {100 * float(k):.0f}% | {100 * p['accuracy']:.1f} | "
+                             f"{100 * p['flagged']['in_pool_test']:.1f}% | "
+                             + " | ".join(f"{100 * p['flagged'][kind]:.1f}%" for kind in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -280,5 +308,5 @@ def unseen_plot(study: Mapping, path) -> object:
     return save_figure(fig, path)
 
 
-__all__ = ["SCORES", "auroc", "fit_threshold", "input_scores", "roc_curve", "static_fallback", "unseen_plot",
+__all__ = ["KEEP_CURVE", "SCORES", "auroc", "fit_threshold", "input_scores", "roc_curve", "static_fallback", "unseen_plot",
            "unseen_study", "unseen_table"]
