@@ -613,6 +613,41 @@ def test_merge_config_pool_with_an_adapter_expert(bert, adapters, tmp_path, monk
         assert stats["coefficient"][t] == pytest.approx(dot / sum(float((tv[k] ** 2).sum()) for k in delta), rel=1e-4)
 
 
+def test_a_plan_only_method_merges_lora_experts_through_its_plan(bert, adapters, tmp_path):
+    """A user's method registered without a per-tensor form still merges adapters (through its plan over the dense
+    task vectors), in mergelab.merge and in merge --config, where adapters otherwise stay factored."""
+    from typer.testing import CliRunner
+
+    import mergelab
+    from mergelab import methods
+    from mergelab.cli import app
+    from mergelab.methods.registry import MergePlan, register
+
+    @register("lora_test_first_only")
+    def first_only(vectors, scaling: float = 1.0):  # only the first task vector, scaled
+        first = next(iter(vectors))
+        return MergePlan("lora_test_first_only", dict(vectors), {t: (scaling if t == first else 0.0) for t in vectors},
+                         {"scaling": scaling})
+
+    try:
+        _, base_dir, base = bert
+        vecs = {t: lora.load_lora(p, base) for t, p in adapters.items()}
+        got = mergelab.merge("lora_test_first_only", base, vecs, scaling=0.5)
+        for key, w0 in base.items():
+            want = w0 + 0.5 * vecs["a"][key] if key in vecs["a"] else w0
+            torch.testing.assert_close(got[key], want, rtol=0, atol=1e-6, msg=key)
+        cfg = tmp_path / "sweep.yaml"
+        cfg.write_text(f"pool:\n  pretrained: {base_dir}\n  experts: {{a: {adapters['a']}, b: {adapters['b']}}}\n"
+                       f"methods:\n  - name: lora_test_first_only\n    params: {{scaling: 0.5}}\n"
+                       f"outputs:\n  run_dir: {tmp_path / 'run'}\n  report: false\n")
+        res = CliRunner().invoke(app, ["merge", "--config", str(cfg), "-q"])
+        assert res.exit_code == 0, res.output
+        saved = load_state_dict(next((tmp_path / "run" / "models").iterdir()))
+        assert all(torch.allclose(saved[k], got[k], rtol=0, atol=1e-6) for k in base)
+    finally:
+        methods.unregister("lora_test_first_only")
+
+
 @pytest.mark.parametrize("method,params", [("ties", {"density": 0.01}), ("dare", {"drop_rate": 0.5})])
 def test_dense_path_holds_one_weight_of_updates_at_a_time(bert, adapters, monkeypatch, method, params):
     """TIES and DARE on LoRA experts materialise s B A one weight at a time: at most T dense updates alive."""

@@ -104,10 +104,22 @@ class _Steps:
         return self.ties and self.density < 1.0
 
 
+_KNOWN_STEPS = (kernels.Drop, kernels.Trim, kernels.ElectDisjoint)
+
+
+def has_weightwise_path(method: str, tasks: list[str], params: Mapping[str, Any]) -> bool:
+    """Whether :func:`merge` can visit LoRA experts one weight at a time: the method has a per-tensor form made of
+    Drop, Trim and ElectDisjoint steps (every registered method of mergelab). A method without one (a user's,
+    registered with its plan only) is merged by :func:`mergelab.methods.registry.merge` through its plan over the
+    materialised task vectors instead."""
+    if check_params(method, params).stream is None:
+        return False
+    return all(isinstance(s, _KNOWN_STEPS) for s in slice_form(method, tasks, params).steps)
+
+
 def _plan_of(method: str, tasks: list[str], params: Mapping[str, Any]) -> _Steps:
     form = slice_form(method, tasks, params)
-    known = (kernels.Drop, kernels.Trim, kernels.ElectDisjoint)
-    unknown = [type(s).__name__ for s in form.steps if not isinstance(s, known)]
+    unknown = [type(s).__name__ for s in form.steps if not isinstance(s, _KNOWN_STEPS)]
     if unknown:
         raise InputError(f"method {method!r}: LoRA experts merge through Drop, Trim and ElectDisjoint steps; "
                          f"its form has {unknown}")
@@ -471,5 +483,5 @@ def save_adapter(factors: Mapping[str, LoraModule], out: str | os.PathLike[str],
     return atomic_write_dir(out_p, fill)
 
 
-__all__ = ["DEFAULT_SVD_TOL", "FACTORED_METHODS", "adapter_config", "adapter_factors", "merged_updates", "svd_factors", "check_experts", "dense_task_vector", "is_factored", "is_lora", "load_experts",
+__all__ = ["DEFAULT_SVD_TOL", "FACTORED_METHODS", "adapter_config", "adapter_factors", "has_weightwise_path", "merged_updates", "svd_factors", "check_experts", "dense_task_vector", "is_factored", "is_lora", "load_experts",
            "merge", "merged_factors", "save_adapter", "task_vectors_of"]

@@ -325,7 +325,9 @@ def merge(method: str, pretrained: StateDict, experts: Mapping[str, StateDict], 
     if any(isinstance(e, LoraTaskVector) for e in experts.values()):
         from mergelab.methods import lora
 
-        return lora.merge(method, pretrained, experts, **params)
+        if lora.has_weightwise_path(method, list(experts), params):
+            return lora.merge(method, pretrained, experts, **params)
+        return plan(method, pretrained, experts, **params).apply(pretrained)  # a plan-only method: dense vectors
     info = check_params(method, params)
     label = merge_label(method, params)
     on_cpu = all(t.device.type == "cpu" for sd in (pretrained, *experts.values()) for t in sd.values())
