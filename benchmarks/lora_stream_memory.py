@@ -20,22 +20,22 @@ from pathlib import Path
 
 def make_inputs(root: Path, weights: int, dim: int, rank: int) -> tuple[str, dict[str, str]]:
     import torch
-    from safetensors.torch import save_file
+
+    from mergelab.core.lora import LoraModule
+    from mergelab.methods.lora import save_adapter
+    from mergelab.methods.streaming.files import ShardedWriter
 
     g = torch.Generator().manual_seed(0)
     pre = {f"layer{i}.weight": torch.randn(dim, dim, generator=g) for i in range(weights)}
     keys = list(pre)
     (root / "pre").mkdir()
-    half = len(keys) // 2 or 1
-    shards = [keys[:half], keys[half:]] if len(keys) > 1 else [keys]
-    index = {}
-    for i, part in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: pre[k] for k in part}, str(root / "pre" / name))
-        index.update({k: name for k in part})
-    (root / "pre" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    from mergelab.core.lora import LoraModule
-    from mergelab.methods.lora import save_adapter
+    # two shards (and their index), written by the streamed merge's own shard writer
+    writer = ShardedWriter(root / "pre", [(k, t.dtype, tuple(t.shape)) for k, t in pre.items()],
+                           shard_size=-(-weights // 2) * dim * dim * 4)
+    for k, t in pre.items():
+        writer.begin(k)
+        writer.write(t)
+    writer.close()
 
     adapters = {name: str(save_adapter({k: LoraModule(k, k[:-7], torch.randn(dim, rank, generator=g) * 0.01,
                                                       torch.randn(rank, dim, generator=g) / dim ** 0.5, 1.0)
