@@ -1,13 +1,16 @@
-"""A/B of one streamed merge between two checkouts of mergelab, in process, one worker thread.
+"""A/B of one streamed merge between two checkouts of mergelab, in process (one worker thread unless ``--threads``).
 
 Runs ``stream_merge`` on the GPT-2-shaped files that ``benchmarks/static_merge.py`` builds (its cache
 directory), with the code under ``--baseline`` (another checkout's ``src``, e.g. a ``git worktree`` of
 the commit before a change) and under this checkout's ``src``, alternating which goes first in each
 round, each in a fresh interpreter. Reports wall and CPU seconds (``time.process_time``: less sensitive
-to other jobs on a shared machine than wall time) and, per round, the ratio new / baseline.
+to other jobs on a shared machine than wall time) and, per round, the ratios new / baseline. With
+``--threads 2`` the wall ratio is the one to read: contention between the workers (the GIL held by
+per-slice Python and numpy calls) shows in wall time, not in CPU time.
 
     git worktree add /tmp/mergelab-base <commit>
     python benchmarks/static_merge_ab.py --baseline /tmp/mergelab-base/src --methods dare ties --rounds 2
+    python benchmarks/static_merge_ab.py --baseline /tmp/mergelab-base/src --threads 2 --rounds 3
     python benchmarks/static_merge_ab.py --baseline /tmp/mergelab-base/src --startup --rounds 3
 
 ``--startup`` instead measures what ``mergelab merge`` imports before it reads a byte: the CPU seconds
@@ -38,14 +41,15 @@ PARAMS = {
 
 CHILD = r"""
 import json, os, shutil, sys, time
-src, method, params, root, T, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6]
+src, method, params, root, T, out, threads = (sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4],
+                                              int(sys.argv[5]), sys.argv[6], int(sys.argv[7]))
 sys.path.insert(0, src)
 import torch
-torch.set_num_threads(1)
+torch.set_num_threads(threads)
 from mergelab.methods.streaming import stream_merge
 shutil.rmtree(out, ignore_errors=True)
 t0, c0 = time.perf_counter(), time.process_time()
-stream_merge(method, f"{root}/pretrained", {f"e{i}": f"{root}/expert_{i}" for i in range(T)}, out, threads=1, **params)
+stream_merge(method, f"{root}/pretrained", {f"e{i}": f"{root}/expert_{i}" for i in range(T)}, out, threads=threads, **params)
 print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}))
 shutil.rmtree(out, ignore_errors=True)
 """
@@ -69,9 +73,10 @@ def startup(src: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(src: str, name: str, root: Path, T: int, out: Path) -> dict:
+def run(src: str, name: str, root: Path, T: int, out: Path, threads: int = 1) -> dict:
     method, params = PARAMS[name]
-    proc = subprocess.run([sys.executable, "-c", CHILD, src, method, json.dumps(params), str(root), str(T), str(out)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, src, method, json.dumps(params), str(root), str(T), str(out),
+                           str(threads)],
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", nargs="+", default=list(PARAMS), choices=list(PARAMS))
     ap.add_argument("--T", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="worker threads of each merge (default 1)")
     ap.add_argument("--root", type=Path, default=CACHE / "static_merge_bench" / "gpt2")
     ap.add_argument("--out", type=Path, default=Path("runs/static_merge_ab.json"))
     ap.add_argument("--startup", action="store_true", help="measure the imports of `mergelab merge` instead")
@@ -109,20 +115,24 @@ def main(argv: list[str] | None = None) -> dict:
         for r in range(args.rounds):
             order = [("baseline", args.baseline), ("new", str(HERE))]
             for label, src in (order if r % 2 == 0 else order[::-1]):
-                got = run(src, name, args.root, args.T, args.out.parent / f"ab_{label}")
+                got = run(src, name, args.root, args.T, args.out.parent / f"ab_{label}", args.threads)
                 got["load_average"] = os.getloadavg()[0]
                 runs[label].append(got)
                 print(f"{name:16s} {label:8s} round {r + 1}: wall {got['wall_s']:6.1f} s  cpu {got['cpu_s']:6.1f} s  "
                       f"load {got['load_average']:.1f}", file=sys.stderr)
         ratios = [n["cpu_s"] / b["cpu_s"] for n, b in zip(runs["new"], runs["baseline"])]
+        walls = [n["wall_s"] / b["wall_s"] for n, b in zip(runs["new"], runs["baseline"])]
         rows.append({"method": name, "runs": runs, "cpu_ratio_new_over_baseline": ratios,
-                     "median_cpu_ratio": statistics.median(ratios)})
-    result = {"command": "python benchmarks/static_merge_ab.py " + " ".join(sys.argv[1:]), "T": args.T, "rows": rows}
+                     "median_cpu_ratio": statistics.median(ratios), "wall_ratio_new_over_baseline": walls,
+                     "median_wall_ratio": statistics.median(walls)})
+    result = {"command": "python benchmarks/static_merge_ab.py " + " ".join(sys.argv[1:]), "T": args.T, "threads": args.threads,
+              "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     for row in rows:
-        print(f"{row['method']:16s} cpu new / baseline: {row['median_cpu_ratio']:.2f} "
-              f"({', '.join(f'{x:.2f}' for x in row['cpu_ratio_new_over_baseline'])})")
+        print(f"{row['method']:16s} new / baseline: wall {row['median_wall_ratio']:.2f} "
+              f"({', '.join(f'{x:.2f}' for x in row['wall_ratio_new_over_baseline'])}), "
+              f"cpu {row['median_cpu_ratio']:.2f} ({', '.join(f'{x:.2f}' for x in row['cpu_ratio_new_over_baseline'])})")
     return result
 
 

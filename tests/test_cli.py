@@ -112,3 +112,48 @@ def test_cli_shape_mismatch_names_expert(pool, tmp_path):
     result = runner.invoke(app, ["merge", "-m", "ties", "-p", str(pre), "-e", f"wide={other}", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "expert 'wide'" in result.output and "shape" in result.output
+
+
+_LEAVE_CHILD = r"""
+import atexit, sys, threading, time
+from mergelab import cli
+
+atexit.register(lambda: print("atexit ran", flush=False))
+def late():
+    time.sleep(0.2)
+    print("thread finished", flush=False)
+threading.Thread(target=late).start()  # non-daemon: a normal exit waits for it
+sys.stdout.write("unflushed line\n")
+sys.argv = ["mergelab", *sys.argv[1:]]
+cli.main()
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("argv, code", [(["--version"], 0), (["merge", "--method", "nope", "--pretrained", "x",
+                                                              "--expert", "a=y", "--out", "z"], 2)])
+def test_console_script_exit_keeps_what_a_normal_exit_does(argv, code, tmp_path):
+    """main() leaves without the interpreter's teardown, but with the exit code, the joined non-daemon
+    threads, the atexit handlers and the flushed streams of a normal exit."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _LEAVE_CHILD, *argv], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    out = proc.stdout.splitlines()
+    assert "unflushed line" in out and "not reached" not in out
+    assert out.index("thread finished") < out.index("atexit ran")  # threads first, as the interpreter does
+    if code == 0:
+        assert out[1] == f"mergelab {mergelab.__version__}"
+    else:
+        assert "unknown merge method 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_console_script_exit_with_a_message_exits_1(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "from mergelab import cli; cli._leave('stopped: reason')"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip() == "stopped: reason"

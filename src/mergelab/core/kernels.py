@@ -24,7 +24,10 @@ from torch import Tensor
 
 from mergelab.core.errors import InputError
 
-# Slices of this many elements keep the per-slice temporaries of a merge in the CPU caches.
+# Elements per slice of a merge whose steps read every task's slice at once (TIES): T task vectors of
+# 512 KB each stay within the L3 cache. A form that forms and adds the task vectors one at a time
+# (Task Arithmetic, averaging, DARE) and TIES' threshold passes take slices twice this size, which halves
+# the per-slice Python and numpy calls (DARE's merge: a quarter less CPU); the A/B is in docs/performance.md.
 CHUNK = 1 << 17
 
 
@@ -515,9 +518,12 @@ class Drop:
     seed: int = 0
 
     def __call__(self, taus: list[Tensor], ctx: SliceContext) -> list[Tensor]:
-        if self.rate == 0.0:
-            return taus
-        return [drop_(v, self.rate, self.seed, t, ctx.key, ctx.start) for v, t in zip(taus, ctx.tasks)]
+        return [self.one(v, t, ctx) for v, t in zip(taus, ctx.tasks)]
+
+    def one(self, v: Tensor, task: str, ctx: SliceContext) -> Tensor:
+        """The step on one task's vector alone (it reads no other task's): the engine then forms and adds
+        the task vectors one at a time, in one buffer."""
+        return v if self.rate == 0.0 else drop_(v, self.rate, self.seed, task, ctx.key, ctx.start)
 
 
 @dataclass(frozen=True)

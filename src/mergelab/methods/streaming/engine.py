@@ -140,7 +140,7 @@ class SliceMerger:
     """
 
     def __init__(self, pre: Source, experts: Mapping[str, Source], form: SliceForm, *, label: str,
-                 chunk: int = kernels.CHUNK, threads: int | None = None, check_finite: bool = True,
+                 chunk: int | None = None, threads: int | None = None, check_finite: bool = True,
                  progress: Callable[[int], None] | None = None):
         self.pre = pre
         self.experts = dict(experts)
@@ -152,8 +152,14 @@ class SliceMerger:
         self.coefficients = [float(form.coefficients[t]) for t in self.tasks]
         self.steps = list(form.steps)
         self.trim_at = form.trim_at
+        # every step reads one task's vector alone (DARE with Task Arithmetic; no step at all): form and add
+        # the task vectors one at a time in one buffer, instead of holding all T of a slice at once
+        self._per_task = all(hasattr(s, "one") for s in self.steps)
         self.label = label
+        if chunk is None:  # see kernels.CHUNK
+            chunk = kernels.CHUNK * (2 if self._per_task else 1)
         self.chunk = -(-int(chunk) // kernels.DARE_ALIGN) * kernels.DARE_ALIGN  # DARE slices start at multiples of 8
+        self.select_chunk = 2 * self.chunk  # TIES' threshold passes: fewer, larger calls
         self.threads = max(1, threads or torch.get_num_threads())
         self.check_finite = check_finite
         self.progress = progress or (lambda n: None)
@@ -170,7 +176,7 @@ class SliceMerger:
     def _buffers(self) -> dict[str, Any]:
         b = getattr(self._local, "b", None)
         if b is None:
-            c = self.chunk
+            c = self.select_chunk if self.trim_at is not None else self.chunk
             b = self._local.b = {
                 "raw": [torch.empty(c * 8, dtype=torch.uint8) if getattr(s, "needs_buffer", True) else None
                         for s in self.sources],
@@ -250,11 +256,11 @@ class SliceMerger:
             sel.add_sample(row)
             sel.end_sample()
             if stride > 1:
-                for c in row.split(self.chunk):
+                for c in row.split(self.select_chunk):
                     sel.add_band(c)
             v = sel.value()
             if sel.needs_fine:
-                for c in row.split(self.chunk):
+                for c in row.split(self.select_chunk):
                     sel.add_fine(c)
                 v = sel.value()
             return v if v is not None else kernels.kth_largest_abs([row], k)
@@ -280,10 +286,14 @@ class SliceMerger:
         b = self._buffers()
         p, p32 = self._pre32(key, start, count, b)
         acc = p32.clone()
-        if not self.steps:
+        if self._per_task:
             tau = b["tau"][0][:count]
+            ctx = SliceContext(key, start, self.tasks, self._thresholds, self._lambdas)
             for i, lam in enumerate(self.coefficients):
-                kernels.accumulate(acc, lam, self._tau(i, key, start, count, p32, b, tau))
+                v = self._tau(i, key, start, count, p32, b, tau)
+                for step in self.steps:
+                    v = step.one(v, self.tasks[i], ctx)
+                kernels.accumulate(acc, lam, v)
         else:
             taus = self._taus(key, start, count, p32, b, 0)
             self._combine(acc, taus, SliceContext(key, start, self.tasks, self._thresholds, self._lambdas), 0)
@@ -308,9 +318,10 @@ class SliceMerger:
 
     # -------------------------------------------------------------- passes
 
-    def _slices(self, key: str) -> list[tuple[str, int, int]]:
+    def _slices(self, key: str, chunk: int | None = None) -> list[tuple[str, int, int]]:
         n = numel(self.pre.tensors[key].shape)
-        return [(key, s, min(self.chunk, n - s)) for s in range(0, n, self.chunk)]
+        c = chunk or self.chunk
+        return [(key, s, min(c, n - s)) for s in range(0, n, c)]
 
     def _map(self, jobs: Iterable[tuple[str, int, int]], fn: Callable[[str, int, int], Any]) -> Iterator[Any]:
         """``fn(*job)`` on the workers, results in job order, at most ``threads + 1`` in flight."""
@@ -336,7 +347,7 @@ class SliceMerger:
                 fn(i, v)
 
         for key in keys:
-            for _ in self._map(self._slices(key)[::every], work):
+            for _ in self._map(self._slices(key, self.select_chunk)[::every], work):
                 pass
             if len(keys) > 1 and every == 1:
                 self.progress(1)
@@ -353,7 +364,7 @@ class SliceMerger:
         k = kernels.kept_count(n, self.steps[self.trim_at].density)
         # the sample: every SAMPLE_SLICES-th slice of each tensor (all of a small model), strided within
         every = SAMPLE_SLICES if n > SAMPLE * SAMPLE_SLICES else 1
-        seen = sum(c for key in keys for _, _, c in self._slices(key)[::every])
+        seen = sum(c for key in keys for _, _, c in self._slices(key, self.select_chunk)[::every])
         stride = 1 if n <= SAMPLE else -(-seen // SAMPLE)
         sels = [kernels.SampledKthLargestAbs(n, k, stride, max_band=BAND_VALUES // len(self.tasks),
                                              clustered=every > 1) for _ in self.tasks]
@@ -421,7 +432,7 @@ class SliceMerger:
 
 
 def merge_state_dicts(form: SliceForm, pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]],
-                      *, label: str, threads: int | None = None, chunk: int = kernels.CHUNK) -> dict[str, Tensor]:
+                      *, label: str, threads: int | None = None, chunk: int | None = None) -> dict[str, Tensor]:
     """The in-memory merge: ``form`` over state dicts (checked compatible by the caller), a new state dict.
 
     Peak memory: the inputs, the output, and a few slices per worker.

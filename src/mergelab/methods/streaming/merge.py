@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mergelab.core import kernels
 from mergelab.core.atomic import check_output_path
 from mergelab.core.checkpoint import copy_sidecars, write_model_dir
 from mergelab.core.errors import InputError
@@ -93,7 +92,7 @@ def stream_merge(
     out: str | os.PathLike[str],
     *,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
-    chunk: int = kernels.CHUNK,
+    chunk: int | None = None,
     check_finite: bool = True,
     threads: int | None = None,
     progress: bool = False,
@@ -107,12 +106,12 @@ def stream_merge(
 
     Same methods, parameters and result (``torch.equal``) as :func:`mergelab.merge`; memory is a few
     slices of ``chunk`` elements per model and worker thread (``threads``, default: torch's thread
-    count). ``shard_size``: bytes per output shard (``"5GB"``, ``"500MB"`` or a number). The
+    count; ``chunk`` default: the engine's, see :data:`mergelab.core.kernels.CHUNK`). ``shard_size``: bytes per output shard (``"5GB"``, ``"500MB"`` or a number). The
     directory is written atomically (temporary directory + rename), with the pretrained directory's
     config and tokenizer files.
     """
     size = parse_size(shard_size)
-    if int(chunk) < 1:
+    if chunk is not None and int(chunk) < 1:
         raise InputError(f"chunk must be a positive number of elements, got {chunk}")
     form = slice_form(method, list(experts), params)
     out_p = check_output_path(out, [pretrained, *experts.values()])
