@@ -157,3 +157,21 @@ def test_console_script_exit_with_a_message_exits_1(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "from mergelab import cli; cli._leave('stopped: reason')"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip() == "stopped: reason"
+
+
+def test_quiet_silences_hub_bars_without_importing_transformers(tmp_path):
+    """--quiet must not cost transformers' import (over a second) in a command that does not need it, and the
+    bars stay off once transformers does load."""
+    import subprocess
+    import sys
+
+    child = ("import os, sys\n"
+             "os.environ.pop('HF_HUB_DISABLE_PROGRESS_BARS', None)\n"
+             "from mergelab import cli\n"
+             "cli._silence_libraries()\n"
+             "print('transformers' in sys.modules, 'huggingface_hub' in sys.modules)\n"
+             "from transformers.utils import logging\n"
+             "print(logging.is_progress_bar_enabled())\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False", "False"]
