@@ -317,6 +317,40 @@ def test_streamed_ties_with_sampled_thresholds_equals_in_memory(sharded, tmp_pat
         assert torch.equal(got[k], ref[k]), k
 
 
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3, "scope": "tensor"}),
+                                           ("dare", {"drop_rate": 0.5, "seed": 2, "combine": "ties", "density": 0.4,
+                                                     "scope": "tensor"})])
+def test_per_tensor_ties_reads_a_tensor_once_when_its_inputs_fit_in_their_dtype(tmp_path, monkeypatch, method, params):
+    """bfloat16 inputs whose float32 task vectors overflow the cache but whose own bytes fit it: each
+    source's tensor is read from its file once (not once per threshold pass and again for the merge),
+    and the merge is the in-memory one."""
+    from mergelab.methods.streaming import engine, files
+
+    pre = {k: v.to(torch.bfloat16) for k, v in _state(0).items() if v.is_floating_point()}
+    experts = {f"t{i}": {k: (pre[k].float() + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i)))
+                         .to(torch.bfloat16) for k, v in pre.items()} for i in range(3)}
+    ref = mergelab.merge(method, pre, experts, **params)
+    pre_dir = save_sharded(pre, tmp_path / "pre")
+    paths = {t: save_sharded(sd, tmp_path / t) for t, sd in experts.items()}
+    n = 40 * 25  # layer.1.weight: float32 task vectors + base 16,000 bytes, its four bfloat16 inputs 8,000
+    monkeypatch.setattr(engine, "TAU_CACHE_BYTES", 10_000)
+    monkeypatch.setattr(engine, "SAMPLE", 40)  # sampled bands: several passes over the tensor
+    monkeypatch.setattr(engine, "SAMPLE_SLICES", 2)
+    read = files.SafetensorsModel.read
+    counts: dict = {}
+
+    def counting(self, key, start, count, buffer):
+        counts[(self.owner, key)] = counts.get((self.owner, key), 0) + count
+        return read(self, key, start, count, buffer)
+
+    monkeypatch.setattr(files.SafetensorsModel, "read", counting)
+    got = io.load_state_dict(stream_merge(method, pre_dir, paths, tmp_path / "o", chunk=64, threads=2, **params))
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    layer1 = {owner: c for (owner, key), c in counts.items() if key == "layer.1.weight"}
+    assert len(layer1) == 4 and set(layer1.values()) == {n}
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 << 30 and parse_size("1500") == 1500
     with pytest.raises(InputError):

@@ -95,6 +95,27 @@ class StateDictSource:
         self._flat.pop(key, None)
 
 
+class HeldTensor:
+    """One tensor of a file-backed source, read into memory once: per-tensor TIES reads a tensor two to
+    three times (thresholds, then the merge), so one whose inputs fit :data:`TAU_CACHE_BYTES` in their own
+    dtype (bfloat16: half the float32 task vectors' size) is read from the files once and sliced from here."""
+
+    needs_buffer = False
+
+    def __init__(self, source: Source, key: str, values: Tensor):
+        self.owner = source.owner
+        self.tensors = source.tensors
+        self._source, self._key, self._values = source, key, values
+
+    def read(self, key: str, start: int, count: int, buffer: Tensor | None = None) -> Tensor:
+        if key != self._key:
+            raise KeyError(f"holds {self._key!r}, asked for {key!r}")
+        return self._values[start:start + count]
+
+    def file_of(self, key: str) -> Any:
+        return self._source.file_of(key)
+
+
 class Sink(Protocol):
     def begin(self, key: str) -> None: ...
     def write(self, chunk: Tensor) -> None: ...
@@ -146,6 +167,7 @@ class SliceMerger:
         self.experts = dict(experts)
         self.tasks = tuple(experts)
         self.sources = [pre, *self.experts.values()]
+        self._raw = [getattr(s, "needs_buffer", True) for s in self.sources]  # which sources read into buffers
         missing = [t for t in self.tasks if t not in form.coefficients]
         if missing:
             raise ValueError(f"the slice form has no coefficient for task(s) {missing}")
@@ -178,8 +200,7 @@ class SliceMerger:
         if b is None:
             c = self.select_chunk if self.trim_at is not None else self.chunk
             b = self._local.b = {
-                "raw": [torch.empty(c * 8, dtype=torch.uint8) if getattr(s, "needs_buffer", True) else None
-                        for s in self.sources],
+                "raw": [torch.empty(c * 8, dtype=torch.uint8) if raw else None for raw in self._raw],
                 "p32": torch.empty(c), "tau": [torch.empty(c) for _ in self.tasks], "scratch": torch.empty(c),
             }
         return b
@@ -270,6 +291,37 @@ class SliceMerger:
     def _set_thresholds(self, values: tuple[Tensor, ...]) -> None:
         self._thresholds = values
         self._lambdas = tuple(kernels.trim_lambda(v) for v in values)
+
+    def _holdable(self, key: str) -> bool:
+        """Whether :meth:`_hold` can read ``key``'s inputs into memory: file-backed sources only (an adapter
+        forms its task vector from its factors), within the cache's bytes."""
+        if not all(self._raw) or any(hasattr(s, "delta") for s in self.sources):
+            return False
+        n = numel(self.pre.tensors[key].shape)
+        return sum(-(-n * itemsize(s.tensors[key].dtype) // 64) * 64 for s in self.sources) <= TAU_CACHE_BYTES
+
+    def _hold(self, key: str) -> tuple[Source, dict[str, Source], list[Source]]:
+        """Read ``key`` of every source into the cache (as :class:`HeldTensor` sources in their place);
+        returns the sources to put back after the tensor."""
+        n = numel(self.pre.tensors[key].shape)
+        if self._cache_buf is None:
+            self._cache_buf = torch.empty(TAU_CACHE_BYTES // 4)
+        arena = self._cache_buf.view(torch.uint8)
+        jobs = []
+        at = 0
+        for src in self.sources:
+            size = n * itemsize(src.tensors[key].dtype)
+            jobs.append((src, arena[at:at + size]))
+            at += -(-size // 64) * 64
+
+        def read(src: Source, buf: Tensor) -> HeldTensor:
+            return HeldTensor(src, key, src.read(key, 0, n, buf))
+
+        held = list(self._pool.map(read, *zip(*jobs)) if self._pool is not None else map(read, *zip(*jobs)))
+        saved = (self.pre, self.experts, self.sources)
+        self.pre, self.sources = held[0], held
+        self.experts = dict(zip(self.tasks, held[1:]))
+        return saved
 
     def _cacheable(self, key: str) -> bool:
         return (getattr(self.pre, "needs_buffer", True)
@@ -418,13 +470,21 @@ class SliceMerger:
                     sink.write(self.pre.read(k, s, c, torch.empty(c * itemsize(info.dtype), dtype=torch.uint8)).clone())
             elif numel(info.shape):
                 merge = self._merge_slice
-                if scope == "tensor" and self._cacheable(key):
+                saved = None
+                cached = scope == "tensor" and self._cacheable(key)
+                if cached:
                     self._cache(key)
                     merge = self._merge_cached
-                elif scope == "tensor":
-                    self._set_thresholds(self._select([key]))
-                for out in self._map(self._slices(key), merge):
-                    sink.write(out)
+                elif scope == "tensor" and self._holdable(key):
+                    saved = self._hold(key)
+                try:
+                    if scope == "tensor" and not cached:
+                        self._set_thresholds(self._select([key]))
+                    for out in self._map(self._slices(key), merge):
+                        sink.write(out)
+                finally:
+                    if saved is not None:
+                        self.pre, self.experts, self.sources = saved
             for src in self.sources:
                 if hasattr(src, "release"):
                     src.release(key)
