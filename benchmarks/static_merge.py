@@ -69,8 +69,10 @@ METHODS = {
 AGREEMENT = {
     "task_arithmetic": "same definition: should match to float32 rounding",
     "average": "same definition: should match to float32 rounding",
-    "ties": "same definition (k = int(d n) entries per tensor) except ties at the threshold (kept here), the sign "
-            "of a zero sum and the order of the disjoint mean's division: should match up to a few entries",
+    "ties": "same definition (k = int(d n) entries per tensor) except ties at the threshold (all kept here, k kept "
+            "there), the sign of a zero sum and the order of the disjoint mean's division: should match except where "
+            "a task vector ties with its threshold (thousands of entries in float32 GPT-2 at T = 8; "
+            "benchmarks/ties_threshold_ties.py counts them)",
     "dare_ties": "different random masks (per-(task, tensor) generator here, torch.bernoulli there) and mergekit "
                  "rescales survivors to the task vector's L1 norm instead of 1/(1-p): not comparable entry by entry",
 }

@@ -16,6 +16,12 @@ per-slice Python and numpy calls) shows in wall time, not in CPU time.
 ``--startup`` instead measures what ``mergelab merge`` imports before it reads a byte: the CPU seconds
 of importing the third-party packages (torch, numpy, pydantic, typer, yaml, rich) and then mergelab's
 CLI, command and streaming modules, in a fresh interpreter per checkout and round.
+
+``--cli`` runs the whole command instead, as users do (``python -m mergelab.cli -q merge ...`` with the
+checkout's ``src`` first on ``PYTHONPATH``, two worker threads): wall time from outside, the merge's own
+time as the command prints it, and their difference, the start-up and exit around the merge.
+
+    python benchmarks/static_merge_ab.py --baseline /tmp/mergelab-base/src --cli --methods task_arithmetic --rounds 4
 """
 
 from __future__ import annotations
@@ -68,6 +74,29 @@ print(json.dumps({"third_party_cpu_s": t1 - t0, "mergelab_cpu_s": t2 - t1,
 """
 
 
+def cli_run(src: str, name: str, root: Path, T: int, out: Path) -> dict:
+    """``mergelab -q merge`` of one method under checkout ``src``: wall, the printed merge time, the rest."""
+    import re
+    import shutil
+    import time
+
+    method, params = PARAMS[name]
+    cmd = [sys.executable, "-m", "mergelab.cli", "-q", "merge", "--method", method, "--pretrained", f"{root}/pretrained",
+           "--out", str(out), "--shard-size", "2GB"]
+    for key, value in params.items():
+        cmd += ["--param", f"{key}={value}"]
+    for i in range(T):
+        cmd += ["--expert", f"e{i}={root}/expert_{i}"]
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": src, "COLUMNS": "1000"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    merge = float(re.search(r" in ([0-9.]+)s ->", proc.stdout.replace("\n", " ")).group(1))
+    return {"wall_s": wall, "merge_s": merge, "outside_merge_s": wall - merge}
+
+
 def startup(src: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", STARTUP, src], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -91,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--root", type=Path, default=CACHE / "static_merge_bench" / "gpt2")
     ap.add_argument("--out", type=Path, default=Path("runs/static_merge_ab.json"))
     ap.add_argument("--startup", action="store_true", help="measure the imports of `mergelab merge` instead")
+    ap.add_argument("--cli", action="store_true", help="time the whole `mergelab -q merge` command instead")
     args = ap.parse_args(argv)
     if args.startup:
         got: dict[str, list[dict]] = {"baseline": [], "new": []}
@@ -107,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{label:8s} third-party {third} CPU s; mergelab {own} CPU s; "
                   f"{len(runs[0]['mergelab_modules'])} mergelab modules")
         return result
+    if args.cli:
+        return cli_ab(args)
     if not (args.root / "pretrained").is_dir():
         sys.exit(f"{args.root}: no models; run benchmarks/static_merge.py --T {args.T} first (it builds them)")
     rows = []
@@ -133,6 +165,29 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row['method']:16s} new / baseline: wall {row['median_wall_ratio']:.2f} "
               f"({', '.join(f'{x:.2f}' for x in row['wall_ratio_new_over_baseline'])}), "
               f"cpu {row['median_cpu_ratio']:.2f} ({', '.join(f'{x:.2f}' for x in row['cpu_ratio_new_over_baseline'])})")
+    return result
+
+
+def cli_ab(args: argparse.Namespace) -> dict:
+    rows = []
+    for name in args.methods:
+        runs: dict[str, list[dict]] = {"baseline": [], "new": []}
+        for r in range(args.rounds):
+            order = [("baseline", args.baseline), ("new", str(HERE))]
+            for label, src in (order if r % 2 == 0 else order[::-1]):
+                got = {**cli_run(src, name, args.root, args.T, args.out.parent / f"ab_cli_{label}"),
+                       "load_average": os.getloadavg()[0]}
+                runs[label].append(got)
+                print(f"{name:16s} {label:8s} round {r + 1}: wall {got['wall_s']:5.2f} s, merge {got['merge_s']:4.1f} s, "
+                      f"outside the merge {got['outside_merge_s']:5.2f} s, load {got['load_average']:.1f}", file=sys.stderr)
+        med = {label: {k: statistics.median(x[k] for x in xs) for k in ("wall_s", "merge_s", "outside_merge_s")}
+               for label, xs in runs.items()}
+        rows.append({"method": name, "runs": runs, "median": med})
+        print(f"{name:16s} median wall {med['baseline']['wall_s']:.2f} -> {med['new']['wall_s']:.2f} s; outside the merge "
+              f"{med['baseline']['outside_merge_s']:.2f} -> {med['new']['outside_merge_s']:.2f} s")
+    result = {"command": "python benchmarks/static_merge_ab.py " + " ".join(sys.argv[1:]), "T": args.T, "cli": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -82,13 +82,15 @@ def accumulate(acc: Tensor, lam: float | Tensor, vec: Tensor) -> Tensor:
 def kept_count(numel: int, density: float) -> int:
     """k = floor(density * n), at least 1: how many magnitudes TIES keeps.
 
-    The floor is the reference implementations' count: the TIES authors' ``topk_values_mask`` and
-    mergekit's ``magnitude`` sparsification both take ``int(density * n)``. (Rounding instead made
-    per-tensor TIES keep one more entry than mergekit wherever density * n has a fractional part of
-    one half or more, which on small tensors changes the merge visibly.) Where the floor
-    is 0 (a tensor with fewer than 1 / density entries) one entry is kept: mergekit refuses such a
+    The floor is the count the reference implementations start from: mergekit's ``magnitude``
+    sparsification keeps exactly ``int(density * n)`` entries (ties broken by sort order); the TIES
+    authors' ``topk_values_mask`` takes ``int(density * n)`` too but keeps the entries at or above the
+    ``kthvalue(n - int(density * n))``, one more, and the ties. (Rounding instead made per-tensor TIES keep one
+    more entry than mergekit wherever density * n has a fractional part of one half or more.) Where the
+    floor is 0 (a tensor with fewer than 1 / density entries) one entry is kept: mergekit refuses such a
     tensor, and the authors' code keeps the largest one too. Entries tied with the k-th largest
-    magnitude are kept as well (see :func:`trim`), so with ties more than k survive.
+    magnitude are kept as well (see :func:`trim`), as in the authors' code, so with ties more than k
+    survive; they are common even in float32, where e - p takes values on the spacing of p's floats.
     """
     return max(1, min(numel, int(density * numel)))
 

@@ -18,11 +18,14 @@ Per slice of ``chunk`` elements of a floating tensor, on one worker thread (torc
 5. one ``sum`` over the result: finite, or a closer look that names the input holding a NaN/Inf (every
    step propagates NaN and Inf to the result) or reports an overflow of the coefficients.
 
-A form without steps (averaging, Task Arithmetic) reuses one tau buffer: steps 2 and 4 per task.
+A form whose steps each read one task's vector alone (a ``one(tau, task, ctx)`` method: DARE's
+:class:`~mergelab.core.kernels.Drop`; or no steps, averaging and Task Arithmetic) runs steps 2-4 one task
+at a time in one tau buffer, on slices twice as long (:data:`~mergelab.core.kernels.CHUNK`).
 A :class:`~mergelab.core.kernels.Trim` first needs each task's exact k-th largest magnitude
-(:class:`~mergelab.core.kernels.KthLargestAbs`, two histogram passes over the task vectors as the steps
-before it leave them): per tensor just before that tensor is merged (``scope="tensor"``), or over all
-tensors before anything is written (``scope="global"``).
+(:class:`~mergelab.core.kernels.SampledKthLargestAbs`, passes over the task vectors as the steps
+before it leave them): per tensor just before that tensor is merged (``scope="tensor"``; a tensor whose
+float32 task vectors, or else whose inputs in their own dtype, fit :data:`TAU_CACHE_BYTES` is read from
+the files once), or over all tensors before anything is written (``scope="global"``).
 
 Slices run on ``threads`` workers, at most ``threads + 1`` in flight, and come out in order to the sink.
 """
