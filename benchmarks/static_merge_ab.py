@@ -143,15 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"{args.root}: no models; run benchmarks/static_merge.py --T {args.T} first (it builds them)")
     rows = []
     for name in args.methods:
-        runs: dict[str, list[dict]] = {"baseline": [], "new": []}
-        for r in range(args.rounds):
-            order = [("baseline", args.baseline), ("new", str(HERE))]
-            for label, src in (order if r % 2 == 0 else order[::-1]):
-                got = run(src, name, args.root, args.T, args.out.parent / f"ab_{label}", args.threads)
-                got["load_average"] = os.getloadavg()[0]
-                runs[label].append(got)
-                print(f"{name:16s} {label:8s} round {r + 1}: wall {got['wall_s']:6.1f} s  cpu {got['cpu_s']:6.1f} s  "
-                      f"load {got['load_average']:.1f}", file=sys.stderr)
+        runs = alternate(args, name, lambda src, label, name=name: run(src, name, args.root, args.T, args.out.parent / f"ab_{label}",
+                                                            args.threads),
+                         lambda got: f"wall {got['wall_s']:6.1f} s  cpu {got['cpu_s']:6.1f} s")
         ratios = [n["cpu_s"] / b["cpu_s"] for n, b in zip(runs["new"], runs["baseline"])]
         walls = [n["wall_s"] / b["wall_s"] for n, b in zip(runs["new"], runs["baseline"])]
         rows.append({"method": name, "runs": runs, "cpu_ratio_new_over_baseline": ratios,
@@ -168,18 +162,26 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def alternate(args: argparse.Namespace, name: str, measure, describe) -> dict[str, list[dict]]:
+    """``measure(src, label)`` for the baseline and this checkout in every round, the baseline first in odd
+    rounds; each result gets the load average and a line on stderr (``describe(result)``)."""
+    runs: dict[str, list[dict]] = {"baseline": [], "new": []}
+    for r in range(args.rounds):
+        order = [("baseline", args.baseline), ("new", str(HERE))]
+        for label, src in (order if r % 2 == 0 else order[::-1]):
+            got = {**measure(src, label), "load_average": os.getloadavg()[0]}
+            runs[label].append(got)
+            print(f"{name:16s} {label:8s} round {r + 1}: {describe(got)}, load {got['load_average']:.1f}", file=sys.stderr)
+    return runs
+
+
 def cli_ab(args: argparse.Namespace) -> dict:
     rows = []
     for name in args.methods:
-        runs: dict[str, list[dict]] = {"baseline": [], "new": []}
-        for r in range(args.rounds):
-            order = [("baseline", args.baseline), ("new", str(HERE))]
-            for label, src in (order if r % 2 == 0 else order[::-1]):
-                got = {**cli_run(src, name, args.root, args.T, args.out.parent / f"ab_cli_{label}"),
-                       "load_average": os.getloadavg()[0]}
-                runs[label].append(got)
-                print(f"{name:16s} {label:8s} round {r + 1}: wall {got['wall_s']:5.2f} s, merge {got['merge_s']:4.1f} s, "
-                      f"outside the merge {got['outside_merge_s']:5.2f} s, load {got['load_average']:.1f}", file=sys.stderr)
+        runs = alternate(args, name, lambda src, label, name=name: cli_run(src, name, args.root, args.T,
+                                                                args.out.parent / f"ab_cli_{label}"),
+                         lambda got: f"wall {got['wall_s']:5.2f} s, merge {got['merge_s']:4.1f} s, "
+                                     f"outside the merge {got['outside_merge_s']:5.2f} s")
         med = {label: {k: statistics.median(x[k] for x in xs) for k in ("wall_s", "merge_s", "outside_merge_s")}
                for label, xs in runs.items()}
         rows.append({"method": name, "runs": runs, "median": med})
