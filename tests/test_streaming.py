@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -338,9 +339,11 @@ def test_per_tensor_ties_reads_a_tensor_once_when_its_inputs_fit_in_their_dtype(
     monkeypatch.setattr(engine, "SAMPLE_SLICES", 2)
     read = files.SafetensorsModel.read
     counts: dict = {}
+    lock = threading.Lock()  # two worker threads read
 
     def counting(self, key, start, count, buffer):
-        counts[(self.owner, key)] = counts.get((self.owner, key), 0) + count
+        with lock:
+            counts[(self.owner, key)] = counts.get((self.owner, key), 0) + count
         return read(self, key, start, count, buffer)
 
     monkeypatch.setattr(files.SafetensorsModel, "read", counting)
