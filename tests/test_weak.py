@@ -58,8 +58,44 @@ def test_weak_table_hand_case() -> None:
     (["--weak-task", "nope"], "--weak-task 'nope'"),
     (["--weak-steps", "0"], "--weak-steps"),
     (["--shuffle", "2"], "shuffled training labels"),
+    (["--weak-seed", "-1"], "--weak-seed"),
 ])
 def test_analyze_weak_expert_bad_options_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     r = CliRunner().invoke(app, ["analyze", "weak-expert", "--out", str(tmp_path / "o"), *args])
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_weak_seed_draws_the_shuffle_and_the_fine_tuning(monkeypatch, seed) -> None:
+    """--weak-seed seeds the label shuffle and the weak expert's recipe; without it both stay the benchmark's."""
+    import mergelab.experiment.analysis.weak as weak
+    import mergelab.experiment.runner as runner
+    import mergelab.pools.finetune as finetune
+    from mergelab.pools.benchmarks import get_benchmark
+
+    spec = get_benchmark("text5-demo")
+    task = spec.task_names[0]
+    train = _task(60)
+    pool = SimpleNamespace(splits={task: {"train": train}}, family="fam")
+    seen = {}
+    result = {"methods": {name: {"average": 0.5, "per_task": {t: 0.5 for t in spec.task_names}}
+                          for name in ("individual", "task_arithmetic_0.3")},
+              "tasks": list(spec.task_names), "splits": {}}
+    monkeypatch.setattr(runner, "load_context", lambda *a, **k: pool)
+    monkeypatch.setattr(runner, "run_pool", lambda *a, **k: result)
+    monkeypatch.setattr(weak, "with_expert", lambda p, t, e: p)
+
+    def train_expert(family, data, recipe, **kwargs):
+        seen.update(labels=list(data.labels), recipe=recipe)
+        return SimpleNamespace(meta={})
+
+    monkeypatch.setattr(finetune, "get_or_train_expert", train_expert)
+    study = weak.weak_expert_study(spec, task, steps=5, shuffle=0.5, seed=seed, rows=["task_arithmetic_0.3"])
+    expected_seed = spec.seed if seed is None else seed
+    assert seen["labels"] == list(shuffle_labels(train, 0.5, expected_seed)[0].labels)
+    assert seen["recipe"].steps == 5
+    assert seen["recipe"].seed == (spec.recipe.seed if seed is None else seed)
+    assert study["weak_seed"] == seed and study["weak_recipe"]["seed"] == seen["recipe"].seed
+    if seed is not None:
+        assert seen["labels"] != list(shuffle_labels(train, 0.5, spec.seed)[0].labels)

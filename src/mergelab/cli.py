@@ -338,6 +338,7 @@ def analyze(
     weak_task: str = typer.Option("bbc_topic", "--weak-task", help="weak-expert: the task whose expert is degraded."),
     weak_steps: int = typer.Option(50, "--weak-steps", help="weak-expert: the weak expert's fine-tuning steps."),
     shuffle: float = typer.Option(0.3, "--shuffle", help="weak-expert: share of the weak expert's training labels shuffled."),
+    weak_seed: int | None = typer.Option(None, "--weak-seed", help="weak-expert: seed of the label shuffle and of the weak expert's fine-tuning (default: the benchmark's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """SE-Merging analyses on a benchmark's (or a pool config's held-out) validation split: JSON and PNG plots.
@@ -359,7 +360,7 @@ def analyze(
     nearest prototype and the experts' spread flag out-of-pool texts (AUROC against --n-per-task test inputs
     per task), and a static fallback for flagged inputs (threshold on validation: --keep, --fallback-score).
     weak-expert: a named benchmark's rows (Task Arithmetic, TIES, SE prototype fast, SyMerge) on its test split,
-    with its experts and with one weak expert (--weak-task, --weak-steps, --shuffle).
+    with its experts and with one weak expert (--weak-task, --weak-steps, --shuffle, --weak-seed).
 
     Example:
 
@@ -374,7 +375,7 @@ def analyze(
     files = analyze_run(kind, out, benchmark=benchmark, config=config, cache=cache, router=router,
                         n_per_task=n_per_task, layers=layers, ranks=ranks, groups_per_task=groups_per_task,
                         rows=rows, keep=keep, fallback_score=fallback_score, unseen_kinds=kinds, weak_task=weak_task,
-                        weak_steps=weak_steps, shuffle=shuffle, quiet=quiet)
+                        weak_steps=weak_steps, shuffle=shuffle, weak_seed=weak_seed, quiet=quiet)
     if "table" in files:
         console.print(files["table"].read_text(), highlight=False, soft_wrap=True)
     for name, path in files.items():

@@ -284,7 +284,7 @@ def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path 
                 groups_per_task: Sequence[int] | None = None, rows: Sequence[str] | None = None,
                 keep: float = 0.95, fallback_score: str = "distance",
                 unseen_kinds: Sequence[str] | None = None, weak_task: str = "bbc_topic", weak_steps: int = 50,
-                shuffle: float = 0.3, quiet: bool = False) -> dict[str, Path]:
+                shuffle: float = 0.3, weak_seed: int | None = None, quiet: bool = False) -> dict[str, Path]:
     """``mergelab analyze``: one SE-Merging analysis on a named benchmark's or a pool config's validation
     split; writes ``out`` (options.json, environment.json, run.log, the analysis' JSON and PNG files).
     ``unseen`` also reads test inputs and out-of-pool texts (``unseen_kinds``, default all of
@@ -311,14 +311,16 @@ def analyze_run(kind: str, out: Path, *, benchmark: str = "text5", config: Path 
             raise InputError(f"--weak-task {weak_task!r}: not a task of {benchmark!r} ({', '.join(spec.task_names)})")
         if weak_steps < 1:
             raise InputError(f"--weak-steps must be a positive integer, got {weak_steps}")
+        if weak_seed is not None and weak_seed < 0:
+            raise InputError(f"--weak-seed must be a non-negative integer, got {weak_seed}")
         shuffle_labels(TaskData("check", ["x"], [0]), shuffle)
         created = not out.exists()
         start_command_run(out, "analyze", {"kind": kind, "benchmark": benchmark, "cache": cache, "weak_task": weak_task,
-                                           "weak_steps": weak_steps, "shuffle": shuffle})
+                                           "weak_steps": weak_steps, "shuffle": shuffle, "weak_seed": weak_seed})
 
         def weak_body(log):
-            files = run_weak_expert(spec, out, task=weak_task, steps=weak_steps, shuffle=shuffle, cache_dir=cache,
-                                    progress=not quiet, console=log)
+            files = run_weak_expert(spec, out, task=weak_task, steps=weak_steps, shuffle=shuffle, seed=weak_seed,
+                                    cache_dir=cache, progress=not quiet, console=log)
             for name, path in files.items():
                 log.to_file(f"{name}: {path}")
             return files

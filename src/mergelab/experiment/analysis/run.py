@@ -188,13 +188,13 @@ def run_analysis(kind: str, ctx, out: str | Path, *, config: RouterConfig | None
     return files
 
 
-def run_weak_expert(spec, out: str | Path, *, task: str, steps: int, shuffle: float, cache_dir=None,
-                    progress: bool = True, console=None) -> dict[str, Path]:
+def run_weak_expert(spec, out: str | Path, *, task: str, steps: int, shuffle: float, seed: int | None = None,
+                    cache_dir=None, progress: bool = True, console=None) -> dict[str, Path]:
     """The ``weak-expert`` analysis (:mod:`mergelab.experiment.analysis.weak`): JSON and Markdown table."""
     from mergelab.experiment.analysis.weak import weak_expert_study, weak_table
 
-    study = weak_expert_study(spec, task, steps=steps, shuffle=shuffle, cache_dir=cache_dir, progress=progress,
-                              console=console)
+    study = weak_expert_study(spec, task, steps=steps, shuffle=shuffle, seed=seed, cache_dir=cache_dir,
+                              progress=progress, console=console)
     out = Path(out)
     files = {"json": _write(out, "weak_expert.json", study)}
     files["table"] = atomic_write_text(out / "weak_expert.md", weak_table(study))

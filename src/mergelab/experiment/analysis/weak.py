@@ -48,11 +48,13 @@ def with_expert(pool, task: str, expert) -> Any:
                                expert_meta={**pool.expert_meta, task: dict(expert.meta)})
 
 
-def weak_expert_study(spec, task: str, *, steps: int, shuffle: float, rows: Sequence[str] = WEAK_ROWS,
-                      cache_dir=None, progress: bool = True, console=None) -> dict:
+def weak_expert_study(spec, task: str, *, steps: int, shuffle: float, seed: int | None = None,
+                      rows: Sequence[str] = WEAK_ROWS, cache_dir=None, progress: bool = True, console=None) -> dict:
     """Run ``rows`` on ``spec``'s pool with its experts, then with ``task``'s expert replaced by a weak one
     (``steps`` fine-tuning steps, ``shuffle`` of its training labels shuffled); the two results and their
-    differences."""
+    differences. ``seed`` draws another weak expert: the shuffle's seed and the weak fine-tuning's (default:
+    the benchmark's seed for the shuffle and its recipe's for the fine-tuning, as before the option existed);
+    the rows themselves keep the benchmark's seed."""
     from mergelab.experiment.rows import resolve
     from mergelab.experiment.runner import load_context, run_pool
     from mergelab.pools.finetune import get_or_train_expert
@@ -61,6 +63,8 @@ def weak_expert_study(spec, task: str, *, steps: int, shuffle: float, rows: Sequ
         raise InputError(f"--weak-task {task!r}: not a task of {spec.name!r} ({', '.join(spec.task_names)})")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"--weak-steps must be a positive integer, got {steps!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise InputError(f"--weak-seed must be a non-negative integer, got {seed!r}")
     shuffle_labels(TaskData("check", ["x"], [0]), shuffle)  # a bad share is refused before any work
     chosen = resolve(rows)
     pool = load_context(spec, cache_dir=cache_dir, progress=progress, console=console)
@@ -68,8 +72,8 @@ def weak_expert_study(spec, task: str, *, steps: int, shuffle: float, rows: Sequ
                                   steps=dict(spec.adaptive_steps) if spec.adaptive_steps else None,
                                   progress=progress, console=console)
     normal = run_pool(pool, chosen, **kwargs)
-    train, changed = shuffle_labels(pool.splits[task]["train"], shuffle, spec.seed)
-    recipe = spec.recipe.replace(steps=steps)
+    train, changed = shuffle_labels(pool.splits[task]["train"], shuffle, spec.seed if seed is None else seed)
+    recipe = spec.recipe.replace(steps=steps) if seed is None else spec.recipe.replace(steps=steps, seed=seed)
     expert = get_or_train_expert(pool.family, train, recipe, cache_dir=cache_dir, progress=progress)
     weak = run_pool(with_expert(pool, task, expert), chosen, **kwargs)
     names = ["individual", *[r.name for r in chosen]]
@@ -80,6 +84,7 @@ def weak_expert_study(spec, task: str, *, steps: int, shuffle: float, rows: Sequ
                        "per_task": a["per_task"], "per_task_weak": b["per_task"],
                        "others_average": _others(a["per_task"], task), "others_average_weak": _others(b["per_task"], task)}
     return {"benchmark": spec.name, "weak_task": task, "weak_recipe": recipe.to_dict(), "shuffle": shuffle,
+            "weak_seed": seed,
             "labels_shuffled": round(shuffle * len(train)), "labels_changed": changed, "n_train": len(train),
             "weak_expert_cache_hit": bool(expert.meta.get("cache_hit")), "rows": table,
             "tasks": normal["tasks"], "test": normal["splits"]}
