@@ -169,7 +169,10 @@ def unseen_study(ctx, unseen: Mapping[str, Sequence[str]], *, config: RouterConf
     def pooled(groups: Mapping[str, Mapping[str, Tensor]], key: str) -> Tensor:
         return torch.cat([g[key] for g in groups.values()])
 
-    thresholds = {s: fit_threshold(pooled(val_s, s), keep) for s in SCORES}
+    # each score's threshold at every share kept that is tabled (the curve) and at --keep itself
+    shares = sorted({*KEEP_CURVE, keep})
+    fits = {(k, s): fit_threshold(pooled(val_s, s), k) for k in shares for s in SCORES}
+    thresholds = {s: fits[(keep, s)] for s in SCORES}
     in_test = {s: pooled(test_s, s) for s in SCORES}
     aurocs = {s: {**{k: auroc(o[s], in_test[s]) for k, o in out_s.items()},
                   "all": auroc(pooled(out_s, s), in_test[s])} for s in SCORES}
@@ -188,24 +191,18 @@ def unseen_study(ctx, unseen: Mapping[str, Sequence[str]], *, config: RouterConf
             acc[t] = _mean(pred == torch.tensor(test[t].labels))
         return {"average": sum(acc.values()) / len(acc), "per_task": acc}
 
-    acc = {"static": accuracy(lambda s: s["static"]), "se": accuracy(lambda s: s["dynamic"])}
-    for sc in SCORES:
-        acc[f"se+fallback({sc})"] = accuracy(
-            lambda s, sc=sc: torch.where((s[sc] > thresholds[sc])[:, None], s["static"], s["dynamic"]))
-
-    # the same for other shares kept: the scores and both sets of features are already computed, so every
-    # point of the curve is a selection (flagged -> static features), no forward pass
-    curve = {}
-    for k in sorted({*KEEP_CURVE, keep}):
-        point = {}
-        for sc in SCORES:
-            thr = fit_threshold(pooled(val_s, sc), k)
-            point[sc] = {"threshold": thr,
-                         "flagged": {"in_pool_test": _mean(in_test[sc] > thr),
-                                     **{kind: _mean(o[sc] > thr) for kind, o in out_s.items()}},
-                         "accuracy": accuracy(lambda s, sc=sc, thr=thr: torch.where(
-                             (s[sc] > thr)[:, None], s["static"], s["dynamic"]))["average"]}
-        curve[f"{k:g}"] = point
+    # the fallback at every tabled share: the scores and both sets of features are already computed, so each
+    # point is a selection (flagged -> static features), no forward pass
+    with_fallback = {(k, sc): accuracy(lambda s, sc=sc, thr=thr: torch.where((s[sc] > thr)[:, None], s["static"],
+                                                                            s["dynamic"]))
+                     for (k, sc), thr in fits.items()}
+    acc = {"static": accuracy(lambda s: s["static"]), "se": accuracy(lambda s: s["dynamic"]),
+           **{f"se+fallback({sc})": with_fallback[(keep, sc)] for sc in SCORES}}
+    curve = {f"{k:g}": {sc: {"threshold": fits[(k, sc)],
+                             "flagged": {"in_pool_test": _mean(in_test[sc] > fits[(k, sc)]),
+                                         **{kind: _mean(o[sc] > fits[(k, sc)]) for kind, o in out_s.items()}},
+                             "accuracy": with_fallback[(k, sc)]["average"]} for sc in SCORES}
+             for k in shares}
 
     base = se.base.cpu()
     handling = {}
